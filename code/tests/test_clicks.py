@@ -1,0 +1,143 @@
+"""Simulated clicks (utils/clicks.py) on constructed masks."""
+import pytest
+import torch
+
+from utils.clicks import accumulate_clicks, next_clicks
+
+SHAPE = (20, 18, 16)
+
+
+def _box(lo, hi, shape=SHAPE):
+    m = torch.zeros(shape, dtype=torch.bool)
+    m[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = True
+    return m
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_first_click_is_centre_of_larger_false_negative_blob():
+    # two FN blobs: a 3^3 one and a larger 7^3 one centred at (12, 9, 8); SAM predicts nothing
+    target = (_box((1, 1, 1), (4, 4, 4)) | _box((9, 6, 5), (16, 13, 12)))[None]
+    pred = torch.zeros_like(target)
+    coords, labels = next_clicks(pred, target, click_index=0, generator=_gen())
+    assert coords.dtype == torch.int64 and labels.dtype == torch.int64
+    assert coords.shape == (1, 1, 3) and labels.shape == (1, 1)
+    assert coords[0, 0].tolist() == [12, 9, 8]
+    assert labels.item() == 1
+
+
+def test_false_positive_region_gives_negative_click_at_its_centre():
+    target = _box((2, 2, 2), (5, 5, 5))[None]
+    pred = target | _box((10, 5, 5), (15, 10, 10))[None]  # FP 5^3 blob, larger than nothing else
+    coords, labels = next_clicks(pred, target, 0, _gen())
+    assert coords[0, 0].tolist() == [12, 7, 7]
+    assert labels.item() == 0
+
+
+def test_larger_region_wins_over_deeper_one():
+    # FP slab 2 voxels thick (2x14x12 = 336 voxels, depth 1) versus a compact FN cube (5^3 = 125
+    # voxels, depth 3): the larger region wins (the official RITM picked the deeper one)
+    target = _box((10, 3, 3), (15, 8, 8))[None]
+    slab = _box((6, 2, 2), (8, 16, 14))[None]
+    coords, labels = next_clicks(slab, target, 0, _gen())
+    x, y, z = coords[0, 0].tolist()
+    assert slab[0, x, y, z]
+    assert labels.item() == 0
+
+
+def test_volume_border_counts_as_boundary():
+    # FN box 5x5x5 touching the x = 0 border: with the border as boundary the unique deepest voxel is
+    # the box centre (2, 4, 4); an EDT without padding would rate x = 0 as deep as x = 2 and pick x = 0
+    target = _box((0, 2, 2), (5, 7, 7))[None]
+    coords, labels = next_clicks(torch.zeros_like(target), target, 0, _gen())
+    assert coords[0, 0].tolist() == [2, 4, 4]
+    assert labels.item() == 1
+
+
+def test_batch_gets_per_sample_edt_clicks_and_labels():
+    # sample 0: a FN blob; sample 1: a FP blob elsewhere (official code reused sample 0's EDT)
+    t0 = _box((3, 3, 3), (8, 8, 8))
+    p0 = torch.zeros(SHAPE, dtype=torch.bool)
+    t1 = torch.zeros(SHAPE, dtype=torch.bool)
+    p1 = _box((11, 9, 7), (18, 16, 14))
+    coords, labels = next_clicks(torch.stack([p0, p1]), torch.stack([t0, t1]), 0, _gen())
+    assert coords[0, 0].tolist() == [5, 5, 5] and labels[0].item() == 1
+    assert coords[1, 0].tolist() == [14, 12, 10] and labels[1].item() == 0
+
+
+def test_label_read_at_the_clicked_voxel_not_off_by_one():
+    # Many random later clicks: every label must equal FN-ness of its own voxel. The official
+    # indexing (point = (channel, x, y, z) used as (x, y, z)) made nearly all labels 0.
+    target = _box((0, 0, 0), (10, 18, 16))
+    pred = _box((5, 0, 0), (20, 18, 16))
+    fn, fp = target & ~pred, pred & ~target
+    batch = torch.stack([pred] * 8), torch.stack([target] * 8)
+    g = _gen(3)
+    positives = 0
+    for k in range(1, 6):
+        coords, labels = next_clicks(*batch, click_index=k, generator=g)
+        for b in range(8):
+            x, y, z = coords[b, 0].tolist()
+            assert fn[x, y, z] or fp[x, y, z]
+            assert labels[b].item() == int(fn[x, y, z])
+            positives += labels[b].item()
+    # half the error voxels are FN: 40 draws -> the positive share is far from 0 and from 40
+    assert 8 <= positives <= 32
+
+
+def test_later_clicks_are_uniform_over_error_voxels_and_deterministic():
+    target = _box((2, 2, 2), (4, 4, 4))[None]  # 8 FN voxels
+    pred = _box((10, 10, 10), (12, 12, 12))[None]  # 8 FP voxels
+    err = (target & ~pred) | (pred & ~target)
+    n = 1600
+    coords, labels = next_clicks(pred.expand(n, *SHAPE), target.expand(n, *SHAPE), 1, _gen(7))
+    assert err[0][tuple(coords[:, 0].T)].all()
+    hits = torch.zeros(SHAPE, dtype=torch.long)
+    hits.index_put_(tuple(coords[:, 0].T), torch.ones(n, dtype=torch.long), accumulate=True)
+    counts = hits[err[0]]
+    assert counts.numel() == 16 and counts.min() >= 60 and counts.max() <= 145  # expected 100 each
+    again, again_labels = next_clicks(pred.expand(n, *SHAPE), target.expand(n, *SHAPE), 1, _gen(7))
+    assert torch.equal(coords, again) and torch.equal(labels, again_labels)
+    other, _ = next_clicks(pred.expand(n, *SHAPE), target.expand(n, *SHAPE), 1, _gen(8))
+    assert not torch.equal(coords, other)
+
+
+def test_edt_clicks_parameter_switches_to_random_clicks():
+    target = _box((3, 3, 3), (12, 12, 12))[None]
+    pred = torch.zeros_like(target)
+    centre = [7, 7, 7]
+    assert next_clicks(pred, target, 2, _gen(), edt_clicks=3)[0][0, 0].tolist() == centre
+    draws = {tuple(next_clicks(pred, target, 2, _gen(s), edt_clicks=2)[0][0, 0].tolist())
+             for s in range(5)}
+    assert len(draws) > 1
+
+
+def test_no_error_clicks_inside_target_positive_or_anywhere_negative():
+    target = _box((4, 4, 4), (7, 7, 7))
+    empty = torch.zeros(SHAPE, dtype=torch.bool)
+    pred = torch.stack([target, empty])
+    tgt = torch.stack([target, empty])
+    for k in (0, 4):
+        coords, labels = next_clicks(pred, tgt, k, _gen(k))
+        x, y, z = coords[0, 0].tolist()
+        assert target[x, y, z] and labels[0].item() == 1
+        assert labels[1].item() == 0
+        assert all(0 <= c < s for c, s in zip(coords[1, 0].tolist(), SHAPE))
+
+
+def test_shape_errors_and_accumulation():
+    a = torch.zeros(2, 4, 4, 4, dtype=torch.bool)
+    with pytest.raises(ValueError, match="same shape"):
+        next_clicks(a, a[:1], 0, _gen())
+    with pytest.raises(ValueError, match=r"\(B, X, Y, Z\)"):
+        next_clicks(a[0], a[0], 0, _gen())
+    c1, l1 = torch.zeros(2, 1, 3, dtype=torch.long), torch.ones(2, 1, dtype=torch.long)
+    c2, l2 = torch.ones(2, 1, 3, dtype=torch.long), torch.zeros(2, 1, dtype=torch.long)
+    hist = accumulate_clicks(None, c1, l1)
+    coords, labels = accumulate_clicks(hist, c2, l2)
+    assert coords.shape == (2, 2, 3) and labels.tolist() == [[1, 0], [1, 0]]
+    assert coords[:, 1].eq(1).all() and coords[:, 0].eq(0).all()
+    with pytest.raises(ValueError, match="batch size 1"):
+        accumulate_clicks((coords, labels), c1[:1], l1[:1])

@@ -1,0 +1,144 @@
+"""SAM-Med3D-style simulated clicks, batched and on the tensors' device.
+
+A click corrects the current SAM mask ``pred`` towards a ``target`` (in SemiSAM: the *specialist's*
+foreground, never a label). Error regions are the false negatives ``target & ~pred`` (SAM misses
+target foreground: positive click, label 1) and the false positives ``pred & ~target`` (label 0).
+
+* Clicks ``click_index < edt_clicks``: the deepest voxel (largest Euclidean distance to the region's
+  boundary, the volume border counting as boundary as in SAM-Med3D / RITM, which pad before the EDT)
+  of the LARGEST 6-connected error region (most voxels; FN and FP regions are labelled separately, a
+  size tie prefers the FN region). Ties of the distance maximum take the first voxel in C order, so
+  these clicks are deterministic. Done for every sample (the official code ran the EDT for sample 0
+  only and reused its click region for the whole batch).
+* Later clicks: a uniformly random voxel of the union of error voxels, drawn from ``generator``.
+* No error at all (SAM already equals the target): a random voxel of the target with label 1 if the
+  target is non-empty (it confirms the foreground), otherwise a random voxel of the volume with label 0.
+
+The label is always read at the clicked voxel itself (official defect 2 read it one axis off, so
+nearly every click became negative).
+
+Coordinates are int64 voxel indices in tensor-axis order (X, Y, Z) of the SAM input volume, exactly as
+``torch.argwhere`` gives them and as SAM-Med3D's prompt encoder expects.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+__all__ = ["next_clicks", "accumulate_clicks"]
+
+
+def _check_masks(pred: torch.Tensor, target: torch.Tensor) -> None:
+    if pred.dim() != 4 or target.dim() != 4:
+        raise ValueError(f"next_clicks expects pred and target of shape (B, X, Y, Z); got "
+                         f"{tuple(pred.shape)} and {tuple(target.shape)}")
+    if pred.shape != target.shape:
+        raise ValueError(f"next_clicks: pred {tuple(pred.shape)} and target {tuple(target.shape)} "
+                         "must have the same shape")
+    if pred.device != target.device:
+        raise ValueError(f"next_clicks: pred on {pred.device} but target on {target.device}")
+
+
+def _deepest_voxel_of_largest_region(fn: np.ndarray, fp: np.ndarray) -> tuple[int, ...] | None:
+    """Voxel (x, y, z) of maximal distance to the boundary inside the largest error region.
+
+    fn, fp: bool arrays (X, Y, Z). Returns None when there is no error voxel.
+    """
+    best = None  # (size, is_fn, labels, component id)
+    for is_fn, err in ((True, fn), (False, fp)):
+        if not err.any():
+            continue
+        labels, n = ndimage.label(err)
+        sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+        comp = int(np.argmax(sizes))
+        # strict '>' keeps the FN region on a size tie (it is examined first)
+        if best is None or sizes[comp] > best[0]:
+            best = (int(sizes[comp]), is_fn, labels, comp + 1)
+    if best is None:
+        return None
+    _, _, labels, comp_id = best
+    box = ndimage.find_objects(labels)[comp_id - 1]
+    region = labels[box] == comp_id
+    # zero padding: voxels on the volume border are at distance 1 from the outside (RITM convention)
+    dist = ndimage.distance_transform_edt(np.pad(region, 1))[1:-1, 1:-1, 1:-1]
+    local = np.unravel_index(int(np.argmax(dist)), dist.shape)
+    return tuple(int(sl.start + i) for sl, i in zip(box, local))
+
+
+def _random_voxel(pool: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Uniformly random flat index of a True voxel of each row of ``pool`` (B, N); every row non-empty."""
+    counts = pool.sum(dim=1)
+    u = torch.rand(pool.shape[0], generator=generator, dtype=torch.float64,
+                   device=generator.device).to(pool.device)
+    k = torch.minimum((u * counts).long(), counts - 1)  # k-th True voxel, 0-based
+    cumulative = pool.cumsum(dim=1)
+    return torch.searchsorted(cumulative, (k + 1).unsqueeze(1)).squeeze(1)
+
+
+@torch.no_grad()
+def next_clicks(pred: torch.Tensor, target: torch.Tensor, click_index: int,
+                generator: torch.Generator, edt_clicks: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """One new click per sample.
+
+    Args:
+        pred: (B, X, Y, Z) bool, the current SAM mask.
+        target: (B, X, Y, Z) bool, the mask the clicks steer towards (the specialist's foreground).
+        click_index: 0-based index of this click in the interaction.
+        generator: torch.Generator for the random clicks (any device; draws move to ``pred``'s device).
+        edt_clicks: clicks with ``click_index < edt_clicks`` use the deepest point of the largest error
+            region; later ones a random error voxel.
+
+    Returns:
+        coords (B, 1, 3) int64 voxel indices (X, Y, Z order) and labels (B, 1) int64 in {0, 1},
+        on ``pred``'s device.
+    """
+    _check_masks(pred, target)
+    pred, target = pred.bool(), target.bool()
+    batch, shape = pred.shape[0], pred.shape[1:]
+    fn = target & ~pred
+    fp = pred & ~target
+    error = (fn | fp).flatten(1)
+    has_error = error.any(dim=1)
+
+    tgt = target.flatten(1)
+    fallback = torch.where(tgt.any(dim=1, keepdim=True), tgt, torch.ones_like(tgt))
+    pool = torch.where(has_error.unsqueeze(1), error, fallback)  # where random clicks may land
+    if click_index < edt_clicks:
+        fn_np, fp_np = fn.cpu().numpy(), fp.cpu().numpy()
+        deepest = [_deepest_voxel_of_largest_region(fn_np[b], fp_np[b]) for b in range(batch)]
+        flat = torch.tensor([int(np.ravel_multi_index(v, tuple(shape))) if v is not None else -1
+                             for v in deepest], dtype=torch.long).to(pred.device)
+        if any(v is None for v in deepest):  # samples without error fall back to a random voxel
+            flat = torch.where(flat < 0, _random_voxel(pool, generator), flat)
+    else:
+        flat = _random_voxel(pool, generator)
+
+    at_click = fn.flatten(1).gather(1, flat.unsqueeze(1)).squeeze(1)
+    # without any error the click confirms the target (positive) or marks background (negative)
+    no_error_positive = ~has_error & target.flatten(1).any(dim=1)
+    labels = (at_click | no_error_positive).long().unsqueeze(1)
+    coords = torch.stack(torch.unravel_index(flat, tuple(shape)), dim=1).unsqueeze(1)
+    return coords.long(), labels
+
+
+def accumulate_clicks(history: tuple[torch.Tensor, torch.Tensor] | None, coords: torch.Tensor,
+                      labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Append new clicks to the ones so far (SAM-Med3D passes all clicks at every iteration).
+
+    Args:
+        history: None or (coords (B, N, 3), labels (B, N)).
+        coords: (B, K, 3); labels: (B, K).
+    Returns:
+        (coords (B, N+K, 3), labels (B, N+K)).
+    """
+    if coords.dim() != 3 or coords.shape[-1] != 3 or labels.shape != coords.shape[:2]:
+        raise ValueError(f"accumulate_clicks expects coords (B, K, 3) and labels (B, K); got "
+                         f"{tuple(coords.shape)} and {tuple(labels.shape)}")
+    if history is None:
+        return coords, labels
+    old_coords, old_labels = history
+    if old_coords.shape[0] != coords.shape[0]:
+        raise ValueError(f"accumulate_clicks: batch size {coords.shape[0]} differs from the "
+                         f"history's {old_coords.shape[0]}")
+    return torch.cat([old_coords, coords], dim=1), torch.cat([old_labels, labels], dim=1)
