@@ -1,0 +1,226 @@
+"""Evaluate a V-Net specialist on the LA test list (UA-MT's protocol, with the official defects fixed).
+
+Run from code/:
+    python test_LA.py --exp LA/semisam_mt --iteration 6000
+    python test_LA.py --model_path ../model/LA/semisam_mt/train_state.pth --device cuda --amp bf16
+
+Protocol (as published for LA): the checkpoint of the last iteration (6000), sliding window 112x112x80
+with stride 18 (X, Y) / 4 (Z), largest-connected-component post-processing, Dice / Jaccard / HD95 / ASD
+per case and their mean. Differences from the official script: distances in mm (0.625 mm spacing) unless
+--spacing 0; an empty prediction scores the worst distance instead of a perfect 0; post-processing
+does not crash on an empty prediction; NIfTI files carry the spacing. The test set is only ever
+scored here: nothing in this script picks a checkpoint by its test score (use a validation split).
+
+Outputs in --out_dir: metrics.csv (one row per case), summary.json (settings, per-case values, mean and
+population std), and <case>_pred/_img/_gt.nii.gz unless --no_save_nii.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+
+from dataloaders.la_heart import list_path, read_list
+from utils.inference import checkpoint_path, evaluate, load_specialist
+
+ROOT_PATH = "../data/2018LA_Seg_Training Set"
+TEST_LIST = None                   # None: <ROOT_PATH>/../test.list
+MODEL_PATH = None                  # explicit checkpoint file; None: ../model/<EXP>/iter_<ITERATION>.pth
+EXP = "LA/semisam_mt"
+ITERATION = 6000                   # or "best" -> best_model.pth
+PATCH_SIZE = (112, 112, 80)
+STRIDE_XY = 18
+STRIDE_Z = 4
+NUM_CLASSES = 2
+POST_PROCESS = True
+SAVE_NII = True
+SPACING = (0.625, 0.625, 0.625)    # mm per voxel; None -> distances in voxels
+OUT_DIR = None                     # None: ../model/prediction/<EXP>_post (or next to MODEL_PATH)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+AMP = "none"                       # "bf16": autocast the forward passes in bfloat16
+WINDOW_BATCH = 4
+MAX_CASES = None                   # evaluate only the first N cases (smoke tests)
+
+METRICS = ("dice", "jaccard", "hd95", "asd")
+
+
+def _spacing(values):
+    if values is None:
+        return None
+    if len(values) == 1 and str(values[0]).lower() in ("0", "none", "0.0"):
+        return None
+    try:
+        numbers = [float(v) for v in values]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--spacing expects 1 or 3 numbers or 'none', got {values}") from None
+    if len(numbers) == 1:
+        numbers *= 3
+    if len(numbers) != 3 or any(n <= 0 for n in numbers):
+        raise argparse.ArgumentTypeError(f"--spacing expects 1 or 3 positive numbers or 0/none, got {values}")
+    return tuple(numbers)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--root_path", default=ROOT_PATH, help="folder of case folders")
+    p.add_argument("--test_list", default=TEST_LIST, help="case list (default <root_path>/../test.list)")
+    p.add_argument("--model_path", default=MODEL_PATH, help="checkpoint file (overrides --exp/--iteration)")
+    p.add_argument("--exp", default=EXP, help="experiment name: checkpoints in ../model/<exp>/")
+    p.add_argument("--iteration", default=str(ITERATION), help="N for iter_N.pth, or 'best' for best_model.pth")
+    p.add_argument("--patch_size", type=int, nargs=3, default=list(PATCH_SIZE), metavar=("X", "Y", "Z"))
+    p.add_argument("--stride_xy", type=int, default=STRIDE_XY)
+    p.add_argument("--stride_z", type=int, default=STRIDE_Z)
+    p.add_argument("--no_post", dest="post_process", action="store_false", default=POST_PROCESS,
+                   help="skip largest-connected-component post-processing")
+    p.add_argument("--no_save_nii", dest="save_nii", action="store_false", default=SAVE_NII)
+    p.add_argument("--out_dir", default=OUT_DIR)
+    p.add_argument("--device", default=DEVICE, help="cpu, cuda or cuda:N")
+    p.add_argument("--amp", choices=("none", "bf16"), default=AMP)
+    p.add_argument("--window_batch", type=int, default=WINDOW_BATCH)
+    p.add_argument("--n_filters", type=int, default=None, help="override the checkpoint's width")
+    p.add_argument("--normalization", default=None, choices=("batchnorm", "groupnorm", "instancenorm", "none"),
+                   help="override the checkpoint's normalization")
+    p.add_argument("--max_cases", type=int, default=MAX_CASES, help="evaluate only the first N cases")
+    p.add_argument("--spacing", nargs="+", default=None if SPACING is None else [str(s) for s in SPACING],
+                   help="voxel size in mm (1 or 3 numbers); 0 or none: distances in voxels")
+    args = p.parse_args(argv)
+    try:
+        args.spacing = _spacing(args.spacing)
+    except argparse.ArgumentTypeError as err:
+        p.error(str(err))
+    for name in ("stride_xy", "stride_z", "window_batch"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be >= 1")
+    if any(s < 16 or s % 16 for s in args.patch_size):
+        p.error(f"--patch_size {tuple(args.patch_size)}: every size must be a multiple of 16 for the V-Net")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        p.error(f"--device {args.device!r} is not a torch device (cpu, cuda, cuda:N)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda requested but torch sees no CUDA device")
+    if args.max_cases is not None and args.max_cases < 1:
+        p.error("--max_cases must be >= 1")
+    return args
+
+
+def resolve_paths(args) -> tuple[Path, Path, Path]:
+    """(checkpoint file, test list, output folder) from the arguments."""
+    if args.model_path:
+        ckpt = Path(args.model_path)
+    else:
+        ckpt = checkpoint_path(Path("../model") / args.exp, args.iteration)
+    test_list = Path(args.test_list) if args.test_list else list_path(args.root_path, "test")
+    suffix = "_post" if args.post_process else "_nopost"
+    if args.out_dir:
+        out_dir = Path(args.out_dir)
+    elif args.model_path:
+        out_dir = ckpt.parent / "prediction" / f"{ckpt.stem}{suffix}"
+    else:
+        out_dir = Path("../model/prediction") / f"{args.exp}{suffix}"
+    return ckpt, test_list, out_dir
+
+
+def nifti_affine(spacing) -> np.ndarray:
+    """4x4 affine with the voxel size on the diagonal (identity when spacing is None)."""
+    return np.diag(list(spacing if spacing is not None else (1.0, 1.0, 1.0)) + [1.0])
+
+
+def _case_callback(out_dir: Path, spacing, save_nii: bool, n_cases: int):
+    """Called after each case: prints progress and writes <case>_pred/_img/_gt.nii.gz when asked."""
+    affine = nifti_affine(spacing)
+    done = []
+
+    def on_case(case, image, label, prediction):
+        done.append(case)
+        print(f"[{len(done)}/{n_cases}] {case}", flush=True)
+        if not save_nii:
+            return
+        for suffix, array in (("pred", prediction.astype(np.uint8)), ("img", image.astype(np.float32)),
+                              ("gt", label.astype(np.uint8))):
+            nib.save(nib.Nifti1Image(array, affine), out_dir / f"{case}_{suffix}.nii.gz")
+    return on_case
+
+
+def summarize(records: list[dict]) -> dict:
+    """Mean and population std (ddof 0) of each metric over the cases."""
+    values = {m: np.array([r[m] for r in records], dtype=np.float64) for m in METRICS}
+    return {"mean": {m: float(v.mean()) for m, v in values.items()},
+            "std": {m: float(v.std()) for m, v in values.items()}}
+
+
+def format_table(records: list[dict], summary: dict, unit: str) -> str:
+    header = f"{'case':<24} {'Dice %':>8} {'Jaccard %':>10} {f'HD95 {unit}':>14} {f'ASD {unit}':>14}"
+    rows = [header, "-" * len(header)]
+    for r in records:
+        rows.append(f"{r['case']:<24} {100 * r['dice']:>8.2f} {100 * r['jaccard']:>10.2f} "
+                    f"{r['hd95']:>14.2f} {r['asd']:>14.2f}")
+    rows.append("-" * len(header))
+    for stat in ("mean", "std"):
+        v = summary[stat]
+        rows.append(f"{stat:<24} {100 * v['dice']:>8.2f} {100 * v['jaccard']:>10.2f} "
+                    f"{v['hd95']:>14.2f} {v['asd']:>14.2f}")
+    mean, std = summary["mean"], summary["std"]
+    rows.append(f"mean ± std: Dice {100 * mean['dice']:.2f} ± {100 * std['dice']:.2f} %, "
+                f"Jaccard {100 * mean['jaccard']:.2f} ± {100 * std['jaccard']:.2f} %, "
+                f"HD95 {mean['hd95']:.2f} ± {std['hd95']:.2f} {unit}, ASD {mean['asd']:.2f} ± {std['asd']:.2f} {unit}")
+    return "\n".join(rows)
+
+
+def write_csv(path: Path, records: list[dict], unit: str) -> None:
+    columns = ["case", "dice", "jaccard", f"hd95_{unit}", f"asd_{unit}", "seconds"]
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        for r in records:
+            writer.writerow([r["case"], repr(r["dice"]), repr(r["jaccard"]), repr(r["hd95"]), repr(r["asd"]),
+                             f"{r['seconds']:.3f}"])
+
+
+def main(argv=None) -> dict:
+    """Run the evaluation; returns the summary dict that is also written to summary.json."""
+    args = parse_args(argv)
+    ckpt, test_list, out_dir = resolve_paths(args)
+    device = torch.device(args.device)
+    cases = read_list(test_list)
+    if args.max_cases is not None:
+        cases = cases[:args.max_cases]
+    net, config = load_specialist(ckpt, args.n_filters, args.normalization, device)
+    if config["n_classes"] != NUM_CLASSES:
+        raise ValueError(f"checkpoint {ckpt} has {config['n_classes']} output classes, LA needs {NUM_CLASSES}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    unit = "mm" if args.spacing is not None else "voxels"
+    print(f"checkpoint {ckpt}  VNet({config})  {len(cases)} cases from {test_list}")
+    print(f"patch {tuple(args.patch_size)}  stride {args.stride_xy}/{args.stride_z}  post-process "
+          f"{args.post_process}  spacing {args.spacing}  device {device}  amp {args.amp}  -> {out_dir}")
+
+    records = evaluate(
+        net, args.root_path, cases, patch_size=tuple(args.patch_size), stride_xy=args.stride_xy,
+        stride_z=args.stride_z, num_classes=NUM_CLASSES, post_process=args.post_process, spacing=args.spacing,
+        window_batch=args.window_batch, amp_dtype=torch.bfloat16 if args.amp == "bf16" else None,
+        device=device, on_case=_case_callback(out_dir, args.spacing, args.save_nii, len(cases)))
+
+    summary = summarize(records)
+    print(format_table(records, summary, unit))
+    write_csv(out_dir / "metrics.csv", records, unit)
+    summary.update(
+        checkpoint=str(ckpt), vnet=config, test_list=str(test_list), root_path=str(args.root_path),
+        n_cases=len(records), distance_unit=unit, spacing=args.spacing, patch_size=list(args.patch_size),
+        stride_xy=args.stride_xy, stride_z=args.stride_z, post_process=args.post_process, amp=args.amp,
+        std_kind="population (ddof=0)", cases=records)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (FileNotFoundError, ValueError) as err:  # data, list and checkpoint errors name the culprit
+        sys.exit(f"test_LA.py: error: {err}")
