@@ -1,0 +1,17 @@
+"""Mean teacher (Tarvainen & Valpola, 2017) on LA with UA-MT's V-Net, schedules and perturbation.
+
+Run from code/:  python train_LA_mt.py [--flags]   (python train_LA_mt.py -h lists them)
+"""
+import sys
+
+from training.run import main
+
+EXP = "LA/MT"
+LABELED_NUM = 16
+SPECIALIST = "mt"
+GENERALIST_TERM = "none"
+
+SETTINGS = dict(exp=EXP, labeled_num=LABELED_NUM, specialist=SPECIALIST, generalist_term=GENERALIST_TERM)
+
+if __name__ == "__main__":
+    main(SETTINGS, sys.argv[1:])

@@ -1,0 +1,18 @@
+"""UA-MT (Yu et al., MICCAI 2019) on LA: V-Net mean teacher with uncertainty-aware consistency.
+
+Run from code/:  python train_LA_uamt.py [--flags]   (python train_LA_uamt.py -h lists them)
+Settings below are the defaults of the official UA-MT train_LA.py; flags override them.
+"""
+import sys
+
+from training.run import main
+
+EXP = "LA/UAMT"
+LABELED_NUM = 16
+SPECIALIST = "uamt"
+GENERALIST_TERM = "none"
+
+SETTINGS = dict(exp=EXP, labeled_num=LABELED_NUM, specialist=SPECIALIST, generalist_term=GENERALIST_TERM)
+
+if __name__ == "__main__":
+    main(SETTINGS, sys.argv[1:])

@@ -1,0 +1,474 @@
+"""The one training engine: data, student/teacher, optimiser, schedules, loop, checkpoints, logging.
+
+Every method (sup, MT, UA-MT, SemiSAM, SemiSAM+) runs through ``Trainer``; what differs is the parts chosen by
+name in ``training.methods``. One step (``Trainer.train_step``), with the timed sections in brackets:
+
+    [data]            move the batch to the device; labels are sliced to the labeled_bs labeled rows FIRST,
+                      so no label row of an unlabeled scan reaches the device (the dataset never even read
+                      them: LAHeart(withhold_labels=unlabeled indices) returns zeros for those rows)
+    [student_forward] logits = student(x) (autocast if --amp bf16), softmax in float32
+    [loss]            L_sup on the labeled rows; consistency / generalist distances
+    [teacher]         EMA teacher on noisy unlabeled patches (specialists 'mt', 'uamt')
+    [uncertainty]     T noisy teacher passes and the entropy mask ('uamt')
+    [generalist]      SAM-Med3D pseudo-labels prompted by the student's detached foreground probability
+    [backward]        L = L_sup + w_c(t) L_ssl + w_s(t) L_sam; backward
+    [optimizer]       SGD step with lr = base_lr * 0.1 ** (t // 2500)
+    [ema]             teacher <- alpha teacher + (1 - alpha) student, alpha = min(1 - 1/(t+1), 0.99)
+
+EMA teacher: like UA-MT's ``update_ema_variables``, only *parameters* are averaged. The teacher runs in train
+mode (as UA-MT's ``ema_model.train()``), so its BatchNorm uses batch statistics and its running statistics
+are updated by its own forward passes; they matter only if the saved teacher is evaluated. The teacher starts
+as a copy of the student (UA-MT built an independently initialised network, which the first EMA update,
+alpha = 0 at t = 0, overwrites with the student anyway; only the t = 0 consistency target differs).
+
+Distributed (torchrun): the student is wrapped in DistributedDataParallel, each rank draws its own batches
+(sampler ``rank``), noise and clicks (seeds offset by the rank); the teacher's parameters follow the
+synchronised student identically on every rank and its BatchNorm buffers are broadcast from rank 0 after
+each update. Only rank 0 writes files.
+
+Determinism: one seed drives python, numpy, torch (offset by the rank), the sampler (augmentation seeds per
+sample) and the click generator; the DataLoader gets its own generator so creating it consumes no global
+random numbers. Resuming from train_state.pth (all of the above restored) continues bit-identically.
+"""
+from __future__ import annotations
+
+import copy
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from dataloaders.la_heart import (LAHeart, RandomCrop, RandomRotFlip, ToTensor, Compose, TwoStreamBatchSampler,
+                                  read_list, split_labeled)
+from networks.vnet import VNet
+from utils import ramps
+
+from training import distributed as D
+from training import state as S
+from training.config import TrainConfig
+from training.methods import NoisyTeacher, UnlabeledInputs, build_method
+from training.outputs import RunOutput
+from training.timing import Timer, null_timer
+
+TRAIN_STATE_NAME = "train_state.pth"
+BEST_MODEL_NAME = "best_model.pth"
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss term became NaN/Inf; no optimiser step was taken for that iteration."""
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python's ``random``, numpy's global RNG and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def derived_seed(*parts: int) -> int:
+    """A 63-bit seed from integers, independent across distinct ``parts`` (numpy SeedSequence)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] >> 1)
+
+
+@torch.no_grad()
+def ema_update(teacher: torch.nn.Module, student: torch.nn.Module, decay: float, t: int) -> float:
+    """UA-MT's ``update_ema_variables``: parameters only, ``alpha = min(1 - 1/(t+1), decay)``; returns alpha."""
+    alpha = min(1.0 - 1.0 / (t + 1), decay)
+    t_params = [p.data for p in teacher.parameters()]
+    s_params = [p.data for p in student.parameters()]
+    torch._foreach_mul_(t_params, alpha)
+    torch._foreach_add_(t_params, s_params, alpha=1.0 - alpha)
+    return alpha
+
+
+class _Batches:
+    """The sampler's batches, keeping only the first ``keep`` entries (labeled rows) when the method uses no
+    unlabeled patch, so the supervised baseline never loads them. DataLoader ``batch_sampler``."""
+
+    def __init__(self, sampler: TwoStreamBatchSampler, keep: Optional[int] = None):
+        self.sampler, self.keep = sampler, keep
+
+    def __iter__(self):
+        for batch in self.sampler:
+            yield batch if self.keep is None else batch[:self.keep]
+
+
+@dataclass
+class StepResult:
+    """Scalars of one step (python floats) and, on image iterations, volumes (X, Y, Z) for TensorBoard."""
+    iteration: int                      # 0-based index t of the step
+    values: dict = field(default_factory=dict)
+    visuals: Optional[dict] = None
+
+    @property
+    def loss(self) -> float:
+        return self.values["loss/total"]
+
+
+class Trainer:
+    """One semi-supervised training run (any method of ``training.methods``).
+
+    Args:
+        cfg: validated ``TrainConfig``.
+        ctx: distributed context (default: a world of one on ``cfg.device``).
+        output: where logs/files go (default: a ``RunOutput`` on the main rank).
+        timer: ``timer(name)`` -> context manager around each step section (default: no-op); see
+            ``training.timing.SectionTimer`` for a CUDA-synchronising one.
+    """
+
+    def __init__(self, cfg: TrainConfig, ctx: Optional[D.DistContext] = None, output: Optional[RunOutput] = None,
+                 timer: Timer = null_timer):
+        self.cfg = cfg
+        self.ctx = ctx or D.DistContext(device=D.resolve_device(cfg.device))
+        self.device = self.ctx.device
+        self.out = output or RunOutput(cfg, self.ctx.is_main)
+        self.timer = timer
+        self.iteration = 0                   # completed steps
+        self.best: Optional[dict] = None     # {'dice', 'iteration'} with validation
+        self._last_saved: Optional[int] = None
+        self.last_result: Optional[StepResult] = None
+
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = not cfg.deterministic
+            torch.backends.cudnn.deterministic = cfg.deterministic
+        self.memory_format = torch.channels_last_3d if cfg.channels_last else torch.contiguous_format
+        self.amp_dtype = torch.bfloat16 if cfg.amp == "bf16" else None
+
+        self.method = build_method(cfg)
+        self.uses_unlabeled = self.method.specialist.needs_teacher or self.method.generalist_term.needs_generalist
+        # the generalist first: a missing checkpoint must stop the run before any data is read
+        self.click_generator: Optional[torch.Generator] = None
+        self.generalist = self._build_generalist() if self.method.generalist_term.needs_generalist else None
+        self._build_data()
+        # seeded here, after the generalist: load_generalist may or may not build (and randomly initialise) a
+        # SAM depending on its per-process cache, which must not shift the student's initialisation
+        seed_everything(cfg.seed + self.ctx.rank)
+        self._build_models()
+
+    # ------------------------------------------------------------------------------------ building
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp_dtype is not None)
+
+    def _build_generalist(self):
+        from networks.sam_med3d import load_generalist   # heavy import only when a generalist is used
+        from utils.generalist import GeneralistBranch
+        models = [load_generalist(path, arch=self.cfg.generalist_arch, device=self.device)
+                  for path in self.cfg.generalist]
+        self.click_generator = torch.Generator().manual_seed(derived_seed(self.cfg.seed, self.ctx.rank, 7))
+        if self.cfg.generalist_term == "semisam" and (self.cfg.prompt == "unc" or len(models) > 1):
+            self.out.warning("generalist term 'semisam' ignores the per-voxel confidence of prompt 'unc' / several "
+                             "generalists; use --generalist_term semisam_plus to weight by it")
+        return GeneralistBranch(models, prompt=self.cfg.prompt, num_clicks=self.cfg.num_clicks,
+                                geometry=self.cfg.geometry, amp_dtype=self.amp_dtype,
+                                generator=self.click_generator)
+
+    def _build_data(self) -> None:
+        cfg = self.cfg
+        list_file = cfg.train_list_path
+        cases = read_list(list_file)
+        self.labeled_idxs, self.unlabeled_idxs = split_labeled(len(cases), cfg.labeled_num)
+        if not self.unlabeled_idxs:
+            raise ValueError(f"labeled_num={cfg.labeled_num} leaves no unlabeled case in {list_file} "
+                             f"({len(cases)} cases); the batch sampler needs at least one")
+        transform = Compose([RandomRotFlip(), RandomCrop(cfg.patch_size), ToTensor()])
+        self.dataset = LAHeart(base_dir=cfg.root_path, list_file=list_file, transform=transform, cache=cfg.cache,
+                               withhold_labels=self.unlabeled_idxs)
+        n_unlabeled = cfg.batch_size - cfg.labeled_bs
+        if n_unlabeled == 0 and not self.uses_unlabeled:
+            # an all-labeled batch (supervised only): the sampler needs one unlabeled row per batch, which
+            # _Batches drops before anything is loaded
+            n_unlabeled = 1
+        self.sampler = TwoStreamBatchSampler(self.labeled_idxs, self.unlabeled_idxs, cfg.labeled_bs + n_unlabeled,
+                                             n_unlabeled, seed=cfg.seed, rank=self.ctx.rank,
+                                             world_size=self.ctx.world_size)
+
+    def _build_models(self) -> None:
+        cfg = self.cfg
+        student = VNet(**cfg.vnet_kwargs).to(self.device, memory_format=self.memory_format)
+        student.train()
+        if self.ctx.enabled:
+            # DDP broadcasts rank 0's parameters and buffers here, so the teacher copy below is identical too
+            self.model = DistributedDataParallel(
+                student, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        else:
+            self.model = student
+        self.student = student
+        self.teacher = None
+        self.noisy_teacher = None
+        if self.method.specialist.needs_teacher:
+            self.teacher = copy.deepcopy(student).train()
+            self.teacher.requires_grad_(False)
+            self.noisy_teacher = NoisyTeacher(self.teacher, cfg.noise_std, cfg.noise_clip, self._autocast,
+                                              self.memory_format)
+        self.optimizer = torch.optim.SGD(student.parameters(), lr=cfg.base_lr, momentum=cfg.momentum,
+                                         weight_decay=cfg.weight_decay)
+
+    def make_loader(self) -> DataLoader:
+        """A DataLoader yielding this rank's batches from ``self.sampler``'s current position."""
+        keep = None if self.uses_unlabeled else self.cfg.labeled_bs
+        return DataLoader(self.dataset, batch_sampler=_Batches(self.sampler, keep), num_workers=self.cfg.num_workers,
+                          pin_memory=self.device.type == "cuda",
+                          generator=torch.Generator().manual_seed(derived_seed(self.cfg.seed, self.ctx.rank, 3)))
+
+    # ------------------------------------------------------------------------------------ schedules
+    def lr_at(self, t: int) -> float:
+        return ramps.step_lr(self.cfg.base_lr, t, self.cfg.lr_step, self.cfg.lr_gamma)
+
+    def weights_at(self, t: int) -> tuple[float, float]:
+        """(w_c(t), w_s(t)) of the chosen specialist consistency and generalist term."""
+        return self.method.specialist.weight(t), self.method.generalist_term.weight(t)
+
+    # ------------------------------------------------------------------------------------ one step
+    def _to_device(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """batch -> (images (B|L, 1, X, Y, Z), labels (L, X, Y, Z)) on the device; checks the row layout."""
+        nl = self.cfg.labeled_bs
+        labeled = batch["labeled"]
+        if not bool(labeled[:nl].all()) or bool(labeled[nl:].any()):
+            raise RuntimeError(f"batch layout broken: expected {nl} labeled rows first, then unlabeled rows; "
+                               f"got labeled flags {labeled.tolist()} for cases {batch.get('case')}")
+        labels = batch["label"][:nl]                  # sliced on the host: unlabeled rows never move
+        images = batch["image"]
+        if not self.uses_unlabeled:
+            images = images[:nl]
+        images = images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+        return images, labels.to(self.device, non_blocking=True)
+
+    def train_step(self, batch: dict) -> StepResult:
+        """One optimisation step on ``batch`` (a collated LAHeart batch); advances ``self.iteration``."""
+        cfg, timer, t = self.cfg, self.timer, self.iteration
+        nl = cfg.labeled_bs
+        with timer("data"):
+            x, y_l = self._to_device(batch)
+        lr = self.lr_at(t)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        w_c, w_s = self.weights_at(t)
+
+        with timer("student_forward"):
+            with self._autocast():
+                logits = self.model(x)
+            logits = logits.float()
+            prob = F.softmax(logits, dim=1)
+        with timer("loss"):
+            sup, sup_terms = self.method.supervised(logits[:nl], y_l)
+        terms = {"loss/supervised": sup, **{f"loss/{k}": v for k, v in sup_terms.items()}}
+        total = sup
+        extras: dict = {}
+
+        if self.uses_unlabeled:
+            x_u, prob_u = x[nl:], prob[nl:]
+            cons, extras = self.method.specialist(UnlabeledInputs(t, cfg.max_iterations, x_u, prob_u,
+                                                                  self.noisy_teacher, timer))
+            if cons is not None:
+                terms["loss/consistency"] = cons
+                total = total + w_c * cons
+            if self.generalist is not None:
+                fg_u = prob_u[:, 1]
+                with timer("generalist"):
+                    with torch.no_grad():
+                        pseudo, confidence = self.generalist(x_u, fg_u.detach())
+                with timer("loss"):
+                    gen = self.method.generalist_term(fg_u, pseudo, confidence)
+                terms["loss/generalist"] = gen
+                total = total + w_s * gen
+                extras["pseudo_label"] = pseudo
+                extras["confidence"] = confidence
+        terms = {"loss/total": total, **terms}
+
+        # one host sync per step for all scalars (also the finiteness check)
+        names = list(terms)
+        scalars = torch.stack([terms[n].detach().float() for n in names]).tolist()
+        values = dict(zip(names, scalars))
+        finite = all(np.isfinite(v) for v in scalars)
+        if D.any_rank_true(not finite, self.ctx):
+            raise NonFiniteLossError(self._non_finite_message(t, values, w_c, w_s, finite))
+
+        with timer("backward"):
+            self.optimizer.zero_grad(set_to_none=True)
+            total.backward()
+        with timer("optimizer"):
+            self.optimizer.step()
+        if self.teacher is not None:
+            with timer("ema"):
+                ema_update(self.teacher, self.student, cfg.ema_decay, t)
+                D.broadcast_buffers(self.teacher, self.ctx)
+        self.iteration = t + 1
+
+        values.update({"train/lr": lr, "weights/consistency": w_c, "weights/generalist": w_s})
+        if "threshold" in extras:
+            values["uncertainty/threshold"] = float(extras["threshold"])
+            values["uncertainty/mask_fraction"] = float(extras["mask_fraction"])
+        if self.generalist is not None:
+            stats = self.generalist.last_stats
+            values["generalist/dice_vs_student"] = float(stats.get("dice_vs_specialist", float("nan")))
+            values["generalist/foreground_fraction"] = float(stats.get("foreground_fraction", float("nan")))
+            values["generalist/mean_confidence"] = float(stats.get("mean_weight", float("nan")))
+        visuals = None
+        if cfg.image_every > 0 and t % cfg.image_every == 0:
+            visuals = {"labeled/image": x[0, 0], "labeled/label": y_l[0].float(),
+                       "labeled/prediction": prob[0, 1]}
+            if self.uses_unlabeled:
+                visuals.update({"unlabeled/image": x[nl, 0], "unlabeled/prediction": prob[nl, 1]})
+                if "uncertainty" in extras:
+                    visuals["unlabeled/uncertainty"] = extras["uncertainty"][0, 0]
+                if "pseudo_label" in extras:
+                    visuals["unlabeled/pseudo_label"] = extras["pseudo_label"][0]
+                    visuals["unlabeled/confidence"] = extras["confidence"][0]
+        return StepResult(iteration=t, values=values, visuals=visuals)
+
+    def _non_finite_message(self, t: int, values: dict, w_c: float, w_s: float, finite_here: bool) -> str:
+        terms = ", ".join(f"{k.removeprefix('loss/')}={v:.6g}" for k, v in values.items())
+        where = "" if finite_here else f" on rank {self.ctx.rank}"
+        if not finite_here or not self.ctx.enabled:
+            detail = f"{terms} (weights: consistency {w_c:.6g}, generalist {w_s:.6g})"
+        else:
+            detail = f"on another rank (this rank: {terms})"
+        kept = (f"the last good state is {self.state_path} (iteration {self._last_saved})"
+                if self._last_saved is not None else "no train state had been saved yet")
+        return (f"non-finite loss at iteration {t}{where}: {detail}; training stopped before the optimiser "
+                f"step, {kept}")
+
+    # ------------------------------------------------------------------------------------ loop
+    @property
+    def state_path(self) -> Path:
+        return self.cfg.snapshot_path / TRAIN_STATE_NAME
+
+    def fit(self) -> None:
+        """Train from ``self.iteration`` to ``max_iterations`` (or ``stop_after``), saving as configured."""
+        cfg = self.cfg
+        stop_at = cfg.stop_after if cfg.stop_after is not None else cfg.max_iterations
+        self.sampler.load_state_dict({"next_batch": self.iteration})
+        loader = self.make_loader()
+        batches = iter(loader)
+        self.out.info(f"training {self.describe()} from iteration {self.iteration} to {stop_at} "
+                      f"(max_iterations {cfg.max_iterations}) on {self.device}")
+        self.out.start_progress(self.iteration, stop_at)
+        start = time.perf_counter()
+        try:
+            while self.iteration < stop_at:
+                with self.timer("data"):
+                    batch = next(batches)
+                result = self.train_step(batch)
+                self.last_result = result
+                self._record(result)
+                done = self.iteration
+                if done % cfg.save_every == 0 or done == cfg.max_iterations:
+                    self.save_checkpoint(self.cfg.snapshot_path / f"iter_{done}.pth")
+                if cfg.val_every and (done % cfg.val_every == 0 or done == cfg.max_iterations):
+                    self.validate()
+                if done % cfg.save_every == 0 or done == stop_at:
+                    self.save_state()
+        finally:
+            del batches   # stops DataLoader workers
+        # DDP broadcasts rank 0's BatchNorm buffers before each forward, after which every rank updates them with
+        # its own batch; align them once more so every rank ends with rank 0's (saved) student
+        D.broadcast_buffers(self.student, self.ctx)
+        self.out.info(f"stopped at iteration {self.iteration} after {time.perf_counter() - start:.1f} s"
+                      + ("" if self.iteration == cfg.max_iterations else
+                         f"; resume with --resume {self.state_path}"))
+
+    def describe(self) -> str:
+        c = self.cfg
+        gen = "" if self.generalist is None else f", generalist {c.generalist_term} ({c.prompt}, {len(c.generalist)})"
+        return (f"supervised {c.supervised_loss}, specialist {c.specialist}{gen}, {len(self.labeled_idxs)} labeled + "
+                f"{len(self.unlabeled_idxs)} unlabeled cases, batch {c.batch_size} ({c.labeled_bs} labeled)")
+
+    def _record(self, r: StepResult) -> None:
+        step = r.iteration + 1     # UA-MT logs after iter_num += 1
+        self.out.scalars(r.values, step)
+        if r.visuals:
+            self.out.images(r.visuals, step)
+        if self.cfg.log_every and step % self.cfg.log_every == 0:
+            self.out.iteration_line(f"iteration {step} : " + ", ".join(
+                f"{k.removeprefix('loss/')}: {v:.6g}" for k, v in r.values.items()))
+        self.out.advance(r.loss)
+
+    # ------------------------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, path: Path) -> None:
+        """The plain student state_dict (UA-MT keys; loadable by test_LA.py and the official test script)."""
+        if self.ctx.is_main:
+            S.atomic_save(self.student.state_dict(), path)
+            self.out.info(f"save model to {path}")
+
+    def state_dict(self) -> dict:
+        """The train state (format: ``training.state``); RNG bundles of all ranks (a collective call)."""
+        rng = D.gather_objects(S.capture_rng(self.device, self.click_generator), self.ctx)
+        config = self.cfg.to_dict()
+        config.update(cases=list(self.dataset.cases), world_size=self.ctx.world_size)
+        return {"format": S.STATE_FORMAT, "version": S.STATE_VERSION, "iteration": self.iteration,
+                "student": self.student.state_dict(),
+                "teacher": self.teacher.state_dict() if self.teacher is not None else None,
+                "optimizer": self.optimizer.state_dict(), "config": config, "rng": rng,
+                "sampler": {**self.sampler.state_dict(), "next_batch": self.iteration},
+                "lr": self.lr_at(max(self.iteration - 1, 0)), "best": self.best}
+
+    def save_state(self) -> None:
+        """Write train_state.pth atomically (every rank takes part in gathering the RNG states)."""
+        state = self.state_dict()
+        if self.ctx.is_main:
+            S.atomic_save(state, self.state_path)
+        self._last_saved = self.iteration
+
+    def load_state(self, path) -> None:
+        """Continue exactly where the train state at ``path`` stopped."""
+        st = S.load_train_state(path)
+        current = self.cfg.to_dict()
+        current.update(cases=list(self.dataset.cases))
+        changed = S.check_resume_config(st["config"], current, path)
+        if changed:
+            self.out.warning("resuming with changed settings: " + ", ".join(
+                f"{k} {st['config'][k]!r} -> {current[k]!r}" for k in changed))
+        if "max_iterations" in changed:
+            self.out.warning("max_iterations changed: the SemiSAM ramp-down and the UA-MT threshold follow the "
+                             "new value, so the run differs from one trained with it from the start")
+        if (st["teacher"] is None) != (self.teacher is None):
+            raise S.TrainStateError(f"{path}: teacher presence differs from specialist {self.cfg.specialist!r}")
+        self.student.load_state_dict(st["student"], strict=True)
+        if self.teacher is not None:
+            self.teacher.load_state_dict(st["teacher"], strict=True)
+        self.optimizer.load_state_dict(st["optimizer"])
+        self.iteration = int(st["iteration"])
+        self.best = st.get("best")
+        self._last_saved = self.iteration
+        self.sampler.load_state_dict({k: v for k, v in st["sampler"].items() if k != "rank"})
+        bundles = st["rng"]
+        if len(bundles) == self.ctx.world_size:
+            S.restore_rng(bundles[self.ctx.rank], self.device, self.click_generator)
+        else:
+            self.out.warning(f"{path} was written by {len(bundles)} rank(s), this run has {self.ctx.world_size}: "
+                             f"random streams are re-seeded, so the continuation is not bit-identical")
+            seed_everything(derived_seed(self.cfg.seed, self.ctx.rank, self.iteration))
+            if self.click_generator is not None:
+                self.click_generator.manual_seed(derived_seed(self.cfg.seed, self.ctx.rank, self.iteration, 7))
+        self.out.info(f"resumed from {path} at iteration {self.iteration}")
+
+    # ------------------------------------------------------------------------------------ validation
+    def validate(self) -> Optional[float]:
+        """Mean Dice of the student over --val_list by sliding window (LCC post-processing, as the test
+        protocol); saves best_model.pth when it improves. Main rank only; returns the mean Dice there."""
+        if not self.ctx.is_main:
+            return None
+        from utils.inference import evaluate
+        cfg = self.cfg
+        cases = read_list(cfg.val_list)
+        records = evaluate(self.student, cfg.root_path, cases, patch_size=cfg.patch_size,
+                           stride_xy=cfg.val_stride_xy, stride_z=cfg.val_stride_z, post_process=True,
+                           amp_dtype=self.amp_dtype, device=self.device)
+        dice = float(np.mean([r["dice"] for r in records]))
+        self.out.scalars({"val/dice": dice, "val/hd95_voxels": float(np.mean([r["hd95"] for r in records]))},
+                         self.iteration)
+        improved = self.best is None or dice > self.best["dice"]
+        if improved:
+            self.best = {"dice": dice, "iteration": self.iteration}
+            S.atomic_save(self.student.state_dict(), cfg.snapshot_path / BEST_MODEL_NAME)
+        self.out.info(f"validation at iteration {self.iteration}: mean Dice {dice:.4f} over {len(cases)} cases"
+                      + (" (best so far, saved best_model.pth)" if improved else
+                         f" (best {self.best['dice']:.4f} at iteration {self.best['iteration']})"))
+        return dice

@@ -1,0 +1,150 @@
+"""What a run writes under ``<model_dir>/<exp>/``: log.txt, TensorBoard events (``log/``), config.json, the
+progress bar. Only the main rank writes; on other ranks every method is a no-op.
+
+log.txt gets one line per ``log_every`` iterations (UA-MT logs every iteration) plus run events; the console
+shows the run events and a tqdm bar (iteration, loss, ETA) instead of the per-iteration lines.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+from tqdm import tqdm
+
+from training.config import TrainConfig, write_config_json
+
+ITERATION_LEVEL = 15          # between DEBUG and INFO: file only
+LOGGER_NAME = "semisam.train"
+
+
+class _TqdmHandler(logging.Handler):
+    """Console handler that prints above the progress bar instead of through it."""
+
+    def emit(self, record):
+        try:
+            tqdm.write(self.format(record), file=sys.stdout)
+        except Exception:  # noqa: BLE001 - logging must never crash training
+            self.handleError(record)
+
+
+def _summary_writer_class():
+    """tensorboardX's SummaryWriter (the pinned requirement), else torch's own (needs the tensorboard package,
+    e.g. on images without tensorboardX), else None. Imported lazily: only the main rank writes events."""
+    try:
+        from tensorboardX import SummaryWriter
+        return SummaryWriter
+    except ImportError:
+        pass
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+        return SummaryWriter
+    except ImportError:
+        return None
+
+
+def _middle_slice(vol: torch.Tensor) -> torch.Tensor:
+    """(X, Y, Z) -> float (X, Y) in [0, 1], the middle z slice (min-max scaled)."""
+    s = vol[..., vol.shape[-1] // 2].detach().float().cpu()
+    lo, hi = s.min(), s.max()
+    return (s - lo) / (hi - lo) if hi > lo else torch.zeros_like(s)
+
+
+class RunOutput:
+    """Files and console of one run (main rank), silent elsewhere.
+
+    Attributes: snapshot (Path), logger (logging.Logger), writer (tensorboardX SummaryWriter or None).
+    """
+
+    def __init__(self, cfg: TrainConfig, is_main: bool = True):
+        self.cfg = cfg
+        self.is_main = is_main
+        self.snapshot = cfg.snapshot_path
+        self.logger = logging.getLogger(f"{LOGGER_NAME}.{id(self)}")
+        self.logger.propagate = False
+        self.logger.setLevel(ITERATION_LEVEL)
+        self.writer = None
+        self._bar: Optional[tqdm] = None
+        self._handlers: list[logging.Handler] = []
+        if not is_main:
+            self.logger.addHandler(logging.NullHandler())
+            return
+        self.snapshot.mkdir(parents=True, exist_ok=True)
+        fmt = logging.Formatter("[%(asctime)s.%(msecs)03d] %(message)s", datefmt="%H:%M:%S")
+        file_handler = logging.FileHandler(self.snapshot / "log.txt")
+        file_handler.setLevel(ITERATION_LEVEL)
+        console = _TqdmHandler()
+        console.setLevel(logging.INFO)
+        for h in (file_handler, console):
+            h.setFormatter(fmt)
+            self.logger.addHandler(h)
+            self._handlers.append(h)
+        writer_cls = _summary_writer_class()
+        if writer_cls is None:
+            self.logger.warning("neither tensorboardX nor torch.utils.tensorboard (package tensorboard) is "
+                                "installed: no TensorBoard events are written")
+        else:
+            self.writer = writer_cls(str(self.snapshot / "log"))
+
+    # ------------------------------------------------------------------------------------- text
+    def info(self, msg: str) -> None:
+        self.logger.info(msg)
+
+    def warning(self, msg: str) -> None:
+        self.logger.warning(msg)
+
+    def error(self, msg: str) -> None:
+        self.logger.error(msg)
+
+    def iteration_line(self, msg: str) -> None:
+        self.logger.log(ITERATION_LEVEL, msg)
+
+    def write_config(self, extra: dict) -> None:
+        if self.is_main:
+            write_config_json(self.cfg, self.snapshot / "config.json", extra)
+
+    # ------------------------------------------------------------------------------- TensorBoard
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        if self.writer is None:
+            return
+        for name, value in values.items():
+            self.writer.add_scalar(name, value, step)
+
+    def images(self, visuals: dict[str, torch.Tensor], step: int) -> None:
+        """visuals: name -> (X, Y, Z) volume; the middle z slice is written as a grey image."""
+        if self.writer is None:
+            return
+        for name, vol in visuals.items():
+            self.writer.add_image(name, _middle_slice(vol).numpy(), step, dataformats="HW")
+
+    # ----------------------------------------------------------------------------- progress bar
+    def start_progress(self, initial: int, total: int) -> None:
+        if self.is_main and self.cfg.progress:
+            self._bar = tqdm(total=total, initial=initial, desc="train", unit="it", dynamic_ncols=True,
+                             file=sys.stderr)
+
+    def advance(self, loss: float) -> None:
+        if self._bar is not None:
+            self._bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            self._bar.update(1)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+        for h in self._handlers:
+            self.logger.removeHandler(h)
+            h.close()
+        self._handlers.clear()
+
+
+def existing_outputs(snapshot: Path) -> list[str]:
+    """Names of checkpoint files already in ``snapshot`` (to warn before overwriting them)."""
+    if not snapshot.is_dir():
+        return []
+    return sorted(p.name for p in snapshot.iterdir() if p.suffix == ".pth")

@@ -1,0 +1,94 @@
+"""``main(defaults, argv)``: what every ``train_LA_*.py`` entry script calls.
+
+    defaults (the script's SETTINGS) < command-line flags -> TrainConfig -> Trainer -> fit
+
+Also works under ``torchrun --nproc_per_node=N train_LA_*.py ...`` (DistributedDataParallel; see
+``training.distributed``).
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import sys
+from typing import Optional, Sequence
+
+from training import distributed as D
+from training.config import parse_config
+from training.engine import NonFiniteLossError, Trainer
+from training.outputs import RunOutput, existing_outputs
+from training.timing import Timer, null_timer
+
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_M_MMAP_MAX = -4
+# glibc caps M_MMAP_THRESHOLD at HEAP_MAX_SIZE / 2 (32 MiB on 64-bit)
+_MMAP_THRESHOLD_MAX = 32 * 1024 * 1024
+
+
+def tune_malloc(mmap_threshold: int = _MMAP_THRESHOLD_MAX, trim_threshold: int = 2**31 - 1,
+                disable_mmap: bool = True) -> bool:
+    """Make glibc keep and reuse freed memory (a no-op returning False without glibc's mallopt).
+
+    A training step allocates and frees the same large activation buffers every iteration. By default glibc
+    serves blocks above a (dynamic) threshold with fresh mmap'ed pages and unmaps them on free, and trims the
+    heap top back to the OS, so each step pays again for page faults and zero-filling. Raising the trim and
+    mmap thresholds keeps blocks up to 32 MiB in the heap; V-Net activations are larger (16 x 112x112x80
+    float32 = 64 MiB per sample), so ``disable_mmap`` (M_MMAP_MAX = 0) also serves those from the heap.
+    Measured on this project's 2-core CPU machine, V-Net (n_filters 16, batch 4 of 64x64x48) forward +
+    backward + SGD: 4.0 s -> 2.6 s per step (-35%) with disable_mmap, no gain from the thresholds alone,
+    peak RSS 1.2 -> 1.5 GiB. The price is memory held by fragmentation: a full-size UA-MT run on CPU
+    (112x112x80, T = 8 passes in one forward) peaked at 14.5 GB instead of 9.2 GB; ``--tune_malloc 0`` turns
+    this off. GPU runs allocate little host memory either way. Returns True if every setting was accepted.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    name = ctypes.util.find_library("c")
+    if not name:
+        return False
+    try:
+        mallopt = ctypes.CDLL(name).mallopt
+    except (OSError, AttributeError):   # musl and other libcs have no mallopt
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    settings = [(_M_MMAP_THRESHOLD, int(mmap_threshold)), (_M_TRIM_THRESHOLD, int(trim_threshold))]
+    if disable_mmap:
+        settings.append((_M_MMAP_MAX, 0))
+    return all(mallopt(param, value) == 1 for param, value in settings)
+
+
+def main(defaults: dict, argv: Optional[Sequence[str]] = None, timer: Timer = null_timer) -> Trainer:
+    """Parse ``argv`` over ``defaults``, train, return the finished ``Trainer``.
+
+    Raises whatever stops the run (bad settings, missing files, a missing generalist checkpoint, a non-finite
+    loss) after logging it; the last good train_state.pth is never overwritten by a failed step.
+    """
+    cfg = parse_config(defaults, sys.argv[1:] if argv is None else argv)
+    malloc_tuned = tune_malloc() if cfg.tune_malloc else None
+    ctx = D.init_distributed(cfg.device)
+    out = RunOutput(cfg, ctx.is_main)
+    try:
+        out.info(f"settings: {cfg.to_dict()}")
+        if malloc_tuned is False:
+            out.info("mallopt not available (not glibc): default malloc behaviour")
+        if cfg.resume is None and existing_outputs(cfg.snapshot_path):
+            out.warning(f"{cfg.snapshot_path} already holds {existing_outputs(cfg.snapshot_path)}; "
+                        f"they will be overwritten")
+        trainer = Trainer(cfg, ctx, out, timer)
+        if cfg.resume is not None:
+            trainer.load_state(trainer.state_path if cfg.resume == "auto" else cfg.resume)
+        out.write_config({"cases": list(trainer.dataset.cases),
+                          "labeled_cases": [trainer.dataset.cases[i] for i in trainer.labeled_idxs],
+                          "world_size": ctx.world_size})
+        trainer.fit()
+        return trainer
+    except NonFiniteLossError as err:
+        out.error(str(err))
+        raise
+    except Exception as err:
+        out.error(f"run stopped: {type(err).__name__}: {err}")
+        raise
+    finally:
+        out.close()
+        D.shutdown_distributed(ctx)
