@@ -1,0 +1,223 @@
+"""Generalist (pre)training: shape corpus, SAM-Med3D click recipe, checkpoint format, resume, fine-tuning."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import pretrain_generalist
+from dataloaders.phantoms import TRAINING_FOLDER, write_phantom_dataset
+from dataloaders.shape_corpus import (OBJECT_KINDS, ShapeCorpus, ShapeCorpusError, corpus_rng, sample,
+                                      sample_scene)
+from networks.sam_med3d import build_sam3d_from_config, clear_generalist_cache, load_generalist
+from training.pretrain import (CKPT_FORMAT, H5Crops, PretrainConfig, PretrainError, config_json_path, lr_at,
+                               pretrain, simulate_padding)
+
+# the architecture of golden fixture a (img 32, patch 8, 4^3 token grid, 16^3 mask prompt)
+TINY = {
+    "image_encoder": {"img_size": 32, "patch_size": 8, "in_chans": 1, "embed_dim": 32, "depth": 2, "num_heads": 2,
+                      "mlp_ratio": 4.0, "out_chans": 48, "qkv_bias": True,
+                      "norm_layer": {"type": "LayerNorm", "eps": 1e-06}, "act_layer": "GELU", "use_abs_pos": True,
+                      "use_rel_pos": True, "rel_pos_zero_init": True, "window_size": 6, "global_attn_indexes": [1]},
+    "prompt_encoder": {"embed_dim": 48, "image_embedding_size": [4, 4, 4], "input_image_size": [32, 32, 32],
+                       "mask_in_chans": 8, "activation": "GELU"},
+    "mask_decoder": {"transformer_dim": 48, "num_multimask_outputs": 3, "iou_head_depth": 3,
+                     "iou_head_hidden_dim": 16, "activation": "GELU"},
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_json(tmp_path_factory):
+    path = tmp_path_factory.mktemp("arch") / "tiny.json"
+    path.write_text(json.dumps(TINY))
+    return path
+
+
+def tiny_cfg(tmp, tiny_json, **kw) -> PretrainConfig:
+    args = dict(out=str(tmp / "gen.pth"), arch_config=str(tiny_json), iterations=8, batch_size=2, lr=8e-4,
+                warmup=4, seed=0, num_clicks=3, log_every=4, save_every=1000, progress=False)
+    args.update(kw)
+    return PretrainConfig(**args)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_json):
+    """A 40-iteration corpus pretraining run of the tiny architecture."""
+    tmp = tmp_path_factory.mktemp("trained")
+    cfg = tiny_cfg(tmp, tiny_json, iterations=40)
+    return cfg, pretrain(cfg)
+
+
+# ----------------------------------------------------------------------------------------------- shape corpus
+
+def test_corpus_is_deterministic_and_varied():
+    a_img, a_mask = sample(corpus_rng(3, 7), 32)
+    b_img, b_mask = sample(corpus_rng(3, 7), 32)
+    assert a_img.tobytes() == b_img.tobytes() and a_mask.tobytes() == b_mask.tobytes()
+    c_img, _ = sample(corpus_rng(3, 8), 32)
+    d_img, _ = sample(corpus_rng(4, 7), 32)
+    assert not np.array_equal(a_img, c_img) and not np.array_equal(a_img, d_img)
+    ds = ShapeCorpus(32, seed=3)
+    assert torch.equal(ds[7]["image"], torch.from_numpy(a_img)) and torch.equal(ds[7]["label"],
+                                                                                 torch.from_numpy(a_mask))
+
+
+def test_corpus_samples_are_normalised_single_object_targets():
+    seen_kinds, checked = set(), 0
+    for i in range(12):
+        image, mask = sample(corpus_rng(0, i), 32)
+        assert image.shape == (1, 32, 32, 32) and image.dtype == np.float32
+        assert mask.shape == (32, 32, 32) and mask.dtype == np.uint8
+        assert abs(float(image.mean())) < 1e-4 and abs(float(image.std()) - 1) < 1e-4
+        assert mask.sum() >= 20
+        # the target is exactly one instance of the scene drawn from the same generator state
+        img2, instances, kinds = sample_scene(corpus_rng(0, i), 32)
+        if np.array_equal(img2, image[0]):
+            ids = np.unique(instances[mask > 0])
+            assert ids.size == 1 and ids[0] > 0
+            assert np.array_equal(instances == ids[0], mask > 0)
+            checked += 1
+        seen_kinds.update(kinds)
+    assert checked >= 10  # scenes are redrawn only when no object is large enough
+    assert seen_kinds == set(OBJECT_KINDS)
+
+
+def test_corpus_rejects_bad_sizes():
+    with pytest.raises(ShapeCorpusError, match="img_size must be an integer >= 16"):
+        sample(corpus_rng(0, 0), 8)
+    with pytest.raises(IndexError, match="out of range"):
+        ShapeCorpus(32, length=3)[3]
+
+
+# ----------------------------------------------------------------------------------------------- training
+
+def test_loss_decreases(trained):
+    _, result = trained
+    losses = np.array(result["losses"])
+    assert len(losses) == 40 and np.isfinite(losses).all()
+    first, last = losses[:10], losses[-10:]
+    # robust: the drop must exceed 3 standard errors of the difference of the two window means
+    std_err = np.sqrt(first.var(ddof=1) / first.size + last.var(ddof=1) / last.size)
+    assert first.mean() - last.mean() > 3 * std_err, (first.mean(), last.mean(), std_err)
+
+
+def test_checkpoint_format_and_load_generalist(trained, tiny_json):
+    cfg, result = trained
+    out = result["out"]
+    ckpt = torch.load(out, map_location="cpu", weights_only=True)
+    assert ckpt["format"] == CKPT_FORMAT and ckpt["iteration"] == 40 and ckpt["epoch"] == 40
+    assert set(ckpt) >= {"model_state_dict", "optimizer_state_dict", "config", "train_args", "losses"}
+    assert ckpt["optimizer_state_dict"]["state"], "optimizer state must be saved"
+    json_path = config_json_path(out)
+    assert json_path == out.with_suffix(".json")
+    assert json.loads(json_path.read_text()) == ckpt["config"] == TINY
+    assert not [p for p in out.parent.iterdir() if ".tmp" in p.name]
+
+    clear_generalist_cache()
+    model = load_generalist(out, arch=str(json_path))
+    assert not any(p.requires_grad for p in model.parameters()) and not model.training
+    loaded = model.state_dict()
+    assert loaded.keys() == ckpt["model_state_dict"].keys()
+    assert all(torch.equal(loaded[k], ckpt["model_state_dict"][k]) for k in loaded)
+    fresh = build_sam3d_from_config(TINY).state_dict()
+    changed = [k for k in loaded if not torch.equal(loaded[k], fresh[k])]
+    assert len(changed) > len(loaded) // 2  # trained weights, not a fresh model
+
+
+def test_resume_is_bit_identical(tmp_path, tiny_json):
+    full = pretrain(tiny_cfg(tmp_path / "full", tiny_json))
+    part_cfg = tiny_cfg(tmp_path / "part", tiny_json, stop_at=4)
+    half = pretrain(part_cfg)
+    assert half["iteration"] == 4
+    mid = torch.load(half["out"], map_location="cpu", weights_only=True)
+    assert mid["iteration"] == 4
+    resumed = pretrain(tiny_cfg(tmp_path / "part", tiny_json, resume=str(half["out"])))
+    assert resumed["iteration"] == 8
+    assert resumed["losses"] == full["losses"]
+    a = torch.load(full["out"], map_location="cpu", weights_only=True)
+    b = torch.load(resumed["out"], map_location="cpu", weights_only=True)
+    assert all(torch.equal(a["model_state_dict"][k], b["model_state_dict"][k]) for k in a["model_state_dict"])
+    for pid, state in a["optimizer_state_dict"]["state"].items():
+        for key, value in state.items():
+            assert torch.equal(value, b["optimizer_state_dict"]["state"][pid][key])
+
+    with pytest.raises(PretrainError, match="seed: checkpoint 0 vs now 1"):
+        pretrain(tiny_cfg(tmp_path / "part", tiny_json, resume=str(half["out"]), seed=1, iterations=9))
+    with pytest.raises(PretrainError, match="nothing left to do"):
+        pretrain(tiny_cfg(tmp_path / "part", tiny_json, resume=str(resumed["out"])))
+
+
+def test_finetune_on_phantom_h5_collection_via_cli(tmp_path, trained, tiny_json, capsys):
+    _, result = trained
+    data = tmp_path / "ph"
+    write_phantom_dataset(data, n_train=2, n_test=1, size=(40, 36, 28), seed=0)  # Z < 32: crops get padded
+    out = tmp_path / "ft.pth"
+    rc = pretrain_generalist.main([
+        "--init", str(result["out"]), "--arch_config", str(tiny_json), "--data", str(data / TRAINING_FOLDER),
+        "--iterations", "2", "--batch_size", "2", "--num_clicks", "2", "--out", str(out), "--no_progress"])
+    assert rc == 0, capsys.readouterr().err
+    ckpt = torch.load(out, map_location="cpu", weights_only=True)
+    init = torch.load(result["out"], map_location="cpu", weights_only=True)["model_state_dict"]
+    assert ckpt["iteration"] == 2 and ckpt["train_args"]["init"] == str(result["out"])
+    assert len(ckpt["losses"]) == 2
+    diffs = [float((ckpt["model_state_dict"][k] - v).abs().max()) for k, v in init.items()]
+    assert 0 < max(diffs) < 0.1  # started from the init weights and moved a little
+
+
+def test_h5_crops_contain_foreground_and_are_deterministic(tmp_path):
+    write_phantom_dataset(tmp_path, n_train=2, n_test=1, size=(40, 36, 28), seed=1)
+    base = tmp_path / TRAINING_FOLDER
+    crops = H5Crops(base, ["PHANTOM_000", "PHANTOM_001"], img_size=32, seed=4, fg_prob=1.0)
+    for i in range(6):
+        item = crops[i]
+        assert tuple(item["image"].shape) == (1, 32, 32, 32) and tuple(item["label"].shape) == (32, 32, 32)
+        assert item["label"].sum() > 0
+    again = H5Crops(base, ["PHANTOM_000", "PHANTOM_001"], img_size=32, seed=4, fg_prob=1.0)
+    assert torch.equal(again[5]["image"], crops[5]["image"])
+    # the 28-voxel Z axis is padded to 32 with the volume's minimum and label 0
+    image = crops[0]["image"][0]
+    assert torch.all(image[:, :, :2] == image.min()) and torch.all(crops[0]["label"][:, :, :2] == 0)
+
+
+def test_simulate_padding_mimics_the_pad_geometry():
+    images = torch.randn(3, 1, 32, 32, 32, generator=torch.Generator().manual_seed(0))
+    original = images.clone()
+    targets = torch.zeros(3, 32, 32, 32, dtype=torch.bool)
+    targets[:, 12:20, 12:20, 12:20] = True   # centred: survives any kept box
+    targets[2] = False
+    targets[2, :3, :3, :3] = True            # a corner object that padding would erase: sample left whole
+    same_i, same_t = simulate_padding(images, targets, np.random.default_rng(0), prob=0.0)
+    assert torch.equal(same_i, images) and torch.equal(same_t, targets)
+    padded_i, padded_t = simulate_padding(images, targets, np.random.default_rng(0), prob=1.0)
+    assert torch.equal(images, original)
+    for b in range(2):
+        kept = padded_i[b, 0] == images[b, 0]
+        idx = kept.nonzero()
+        lo, extent = idx.min(0).values, idx.max(0).values - idx.min(0).values + 1
+        assert int(kept.sum()) == int(extent.prod()) < 32 ** 3          # one box ...
+        assert torch.equal(lo, (32 - extent) // 2) and bool((extent >= 16).all())  # ... centred, >= S/2
+        assert torch.all(padded_i[b, 0][~kept] == images[b, 0][kept].min())  # darkest value of the patch
+        assert torch.equal(padded_t[b], targets[b])
+    assert torch.equal(padded_i[2], images[2]) and torch.equal(padded_t[2], targets[2])
+
+
+def test_lr_schedules():
+    cfg = PretrainConfig(iterations=100, warmup=10, lr=1.0)
+    assert lr_at(cfg, 0) == pytest.approx(0.1) and lr_at(cfg, 9) == pytest.approx(1.0)
+    assert lr_at(cfg, 10) == pytest.approx(1.0) and lr_at(cfg, 55) == pytest.approx(0.5)
+    assert lr_at(cfg, 99) < 0.01
+    step = PretrainConfig(iterations=100, warmup=0, lr=1.0, lr_schedule="step")
+    assert [lr_at(step, t) for t in (59, 60, 90)] == pytest.approx([1.0, 0.1, 0.01])
+
+
+def test_bad_settings_name_the_flag_or_file(tmp_path, tiny_json):
+    with pytest.raises(PretrainError, match="architecture config .*missing.json not found"):
+        pretrain(tiny_cfg(tmp_path, tiny_json, arch_config=str(tmp_path / "missing.json")))
+    with pytest.raises(PretrainError, match=r"--stop_at=9: expected an iteration in \[1, 8\]"):
+        pretrain(tiny_cfg(tmp_path, tiny_json, stop_at=9))
+    with pytest.raises(PretrainError, match="--resume .*nope.pth: checkpoint not found"):
+        pretrain(tiny_cfg(tmp_path, tiny_json, resume=str(tmp_path / "nope.pth")))
+    with pytest.raises(PretrainError, match="--data .*absent: folder not found"):
+        pretrain(tiny_cfg(tmp_path, tiny_json, data=str(tmp_path / "absent")))
+    with pytest.raises(KeyError, match="unknown SAM-Med3D registry name 'vit_nope'"):
+        pretrain(tiny_cfg(tmp_path, tiny_json, arch_config=None, arch="vit_nope"))
