@@ -1,0 +1,267 @@
+"""The one-command demo (demo.py, `make demo`): end to end in --quick mode with every path in tmp_path.
+
+The quick setting trains for 3 iterations, so its metrics mean nothing; these tests check that every stage
+runs and connects, that phantoms and the demo generalist are cached and reused, that the comparison is
+reported honestly, and that the Makefile's targets run the commands the README promises.
+"""
+import json
+import math
+import os
+import struct
+import subprocess
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+import demo
+from dataloaders.la_heart import load_case, read_list
+from training.pretrain import pretrain
+
+REPO = Path(demo.__file__).resolve().parent.parent
+
+
+def quick_argv(root: Path, *extra: str) -> list[str]:
+    return ["--quick", "--out", str(root / "model"), "--data_root", str(root / "data"), "--ckpt_dir",
+            str(root / "ckpt"), "--no_progress", "--threads", "1", *extra]
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    head = path.read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    return struct.unpack(">II", head[16:24])
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    summary = demo.main(quick_argv(root))
+    gen = root / "ckpt" / demo.DEMO_GENERALIST[True]
+    h5 = root / "data" / "phantoms_quick" / "2018LA_Seg_Training Set" / "PHANTOM_000" / "mri_norm2.h5"
+    return root, summary, gen.stat().st_mtime_ns, h5.stat().st_mtime_ns
+
+
+def test_quick_demo_reports_both_methods_with_finite_metrics(first_run):
+    root, summary, _, _ = first_run
+    assert summary["data"]["kind"] == "phantoms" and summary["data"]["action"] == "written"
+    assert summary["generalist"]["kind"] == "demo" and summary["generalist"]["action"] == "trained"
+    assert summary["distance_unit"] == "voxels"
+    for label in ("MT", "SemiSAM"):
+        r = summary["results"][label]
+        assert len(r["cases"]) == 2 == summary["n_test_cases"]
+        for key in ("dice", "jaccard", "hd95", "asd"):
+            assert math.isfinite(r["mean"][key]) and math.isfinite(r["std"][key]), (label, key)
+        assert 0.0 <= r["mean"]["dice"] <= 1.0
+        assert Path(r["checkpoint"]).name == "iter_3.pth" and Path(r["checkpoint"]).is_file()
+    # both methods ran through the engine with the same settings; only SemiSAM had a generalist
+    cfg = {label: json.loads((root / "model" / exp / "config.json").read_text()) for label, exp in demo.METHODS}
+    assert cfg["MT"]["generalist"] == [] and cfg["SemiSAM"]["generalist"] == [summary["generalist"]["path"]]
+    assert cfg["SemiSAM"]["generalist_term"] == "semisam" and cfg["SemiSAM"]["prompt"] == "point"
+    for key in ("seed", "labeled_num", "patch_size", "max_iterations", "n_filters", "batch_size", "lr_step",
+                "rampup_block"):
+        assert cfg["MT"][key] == cfg["SemiSAM"][key], key
+    # the written summary is the returned one, and the markdown carries the table and the verdict
+    on_disk = json.loads((root / "model" / "summary.json").read_text())
+    assert on_disk["comparison"] == summary["comparison"]
+    assert on_disk["results"]["SemiSAM"]["mean"] == summary["results"]["SemiSAM"]["mean"]
+    md = (root / "model" / "summary.md").read_text()
+    assert summary["comparison"]["statement"] in md and "HD95 (voxels)" in md
+    for key in ("platform", "cpu_count", "torch"):
+        assert summary["machine"][key], key
+    assert set(summary["wall_seconds"]) >= {"data", "generalist", "train MT", "train SemiSAM", "total"}
+
+
+def test_quick_demo_writes_a_figure(first_run):
+    root, summary, _, _ = first_run
+    png = root / "model" / "demo.png"
+    assert Path(summary["figure"]["path"]) == png
+    width, height = png_size(png)
+    # 1 case x 2 slices, 6 columns (image, GT, MT, SemiSAM, SAM <- MT, SAM <- SemiSAM)
+    assert width >= 1000 and height >= 300
+    assert png.stat().st_size > 20_000
+    panels = summary["figure"]["sam_panels"]
+    assert [p["prompted_by"] for p in panels] == ["MT", "SemiSAM"]
+    for p in panels:
+        assert 0.0 <= p["sam_dice_in_crop"] <= 1.0
+        assert [b - a for a, b in p["crop"]] == [32, 32, 32]   # the training patch, inside the 48x48x32 volume
+    check = summary["figure"]["check"]
+    for label in ("MT", "SemiSAM"):
+        assert check[label]["n_cases"] == 2 and 0 <= check[label]["sam_dice"] <= 100
+    assert check["statement"].startswith("Generalist check on 2 test case(s)")
+    assert check["statement"] in (root / "model" / "summary.md").read_text()
+
+
+def test_phantoms_are_written_in_the_la_layout(first_run):
+    root = first_run[0]
+    base = root / "data" / "phantoms_quick"
+    train, test = read_list(base / "train.list"), read_list(base / "test.list")
+    assert train == [f"PHANTOM_{i:03d}" for i in range(4)] and test == ["PHANTOM_004", "PHANTOM_005"]
+    image, label = load_case(base / "2018LA_Seg_Training Set", "PHANTOM_004")
+    assert image.shape == label.shape == (48, 48, 32)
+    assert image.dtype == np.float32 and label.dtype == np.uint8 and 0 < label.mean() < 0.5
+    with h5py.File(base / "2018LA_Seg_Training Set" / "PHANTOM_000" / "mri_norm2.h5") as f:
+        assert set(f.keys()) == {"image", "label"}
+
+
+def test_second_run_reuses_phantoms_and_generalist_and_repeats_the_numbers(first_run):
+    root, first, gen_mtime, h5_mtime = first_run
+    again = demo.main(quick_argv(root))
+    gen = root / "ckpt" / demo.DEMO_GENERALIST[True]
+    h5 = root / "data" / "phantoms_quick" / "2018LA_Seg_Training Set" / "PHANTOM_000" / "mri_norm2.h5"
+    assert again["generalist"]["action"] == "reused" and gen.stat().st_mtime_ns == gen_mtime
+    assert again["data"]["action"] == "reused" and h5.stat().st_mtime_ns == h5_mtime
+    # same seed, same machine, same thread count: the same numbers
+    def scores(summary, label):
+        return [{k: v for k, v in c.items() if k != "seconds"} for c in summary["results"][label]["cases"]]
+    for label in ("MT", "SemiSAM"):
+        assert scores(again, label) == scores(first, label)
+
+
+def test_changed_phantom_settings_rewrite_the_phantoms(tmp_path):
+    data = tmp_path / "data"
+    args = demo.parse_args(["--quick", "--data_root", str(data)])
+    s = demo.settings_from(args)
+    assert demo.prepare_data(args, s)["action"] == "written"
+    assert demo.prepare_data(args, s)["action"] == "reused"
+    s2 = dict(s, phantom_seed=1)
+    assert demo.prepare_data(args, s2)["action"] == "written"
+    assert json.loads((data / "phantoms_quick" / "demo_phantoms.json").read_text())["seed"] == 1
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread: on a shared 2-core runner a second spinning thread slows these small models down."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_generalist_cache_status_and_resume(tmp_path, one_thread):
+    args = demo.parse_args(["--quick", "--ckpt_dir", str(tmp_path), "--no_progress"])
+    s = demo.settings_from(args)
+    path = tmp_path / demo.DEMO_GENERALIST[True]
+    cfg = demo._pretrain_config(s, path, "cpu", progress=False)
+    assert demo.cached_generalist_status(path, cfg)[0] == "missing"
+    with pytest.raises(demo.DemoError, match="skip_pretrain.*does not exist"):
+        demo.prepare_generalist(demo.parse_args(["--quick", "--ckpt_dir", str(tmp_path), "--skip_pretrain"]),
+                                s, "cpu", False)
+    # an interrupted pretraining (stopped after 1 of 2 iterations) is resumed, not restarted
+    cfg.stop_at = 1
+    pretrain(cfg)
+    status, reason = demo.cached_generalist_status(path, demo._pretrain_config(s, path, "cpu", False))
+    assert status == "partial" and "iteration 1 of 2" in reason
+    info = demo.prepare_generalist(args, s, "cpu", False)
+    assert info["action"] == "resumed"
+    assert torch.load(path, weights_only=True)["iteration"] == 2
+    assert demo.cached_generalist_status(path, demo._pretrain_config(s, path, "cpu", False))[0] == "done"
+    # other settings: not the demo's model
+    status, reason = demo.cached_generalist_status(path, demo._pretrain_config(dict(s, pretrain_clicks=3), path,
+                                                                               "cpu", False))
+    assert status == "mismatch" and "num_clicks 2 (want 3)" in reason
+    # --skip_pretrain takes the file as it is and reports what it really holds
+    skip = demo.parse_args(["--quick", "--ckpt_dir", str(tmp_path), "--skip_pretrain", "--pretrain_iterations", "50"])
+    info = demo.prepare_generalist(skip, demo.settings_from(skip), "cpu", False)
+    assert info["action"] == "used as is" and info["pretrain_iterations"] == 2
+    path.write_bytes(b"not a checkpoint")
+    assert demo.cached_generalist_status(path, cfg)[0] == "mismatch"
+
+
+def test_explicit_generalist_path_must_exist(tmp_path):
+    args = demo.parse_args(["--generalist", str(tmp_path / "nope.pth")])
+    with pytest.raises(demo.DemoError, match="nope.pth: checkpoint not found"):
+        demo.prepare_generalist(args, demo.settings_from(args), "cpu", False)
+
+
+def test_real_la_data_is_used_when_present(la_root, tmp_path):
+    args = demo.parse_args(["--data_root", str(la_root)])
+    data = demo.prepare_data(args, demo.settings_from(args))
+    assert data["kind"] == "LA" and data["action"] == "found" and data["spacing"] == [0.625] * 3
+    assert Path(data["root_path"]) == la_root / "2018LA_Seg_Training Set"
+    args = demo.parse_args(["--data", "la", "--data_root", str(tmp_path)])
+    with pytest.raises(demo.DemoError, match="--data la: expected .*2018LA_Seg_Training Set"):
+        demo.prepare_data(args, demo.settings_from(args))
+
+
+def test_settings_presets_flags_and_errors():
+    quick = demo.settings_from(demo.parse_args(["--quick", "--iterations", "5"]))
+    assert quick["iterations"] == 5 and quick["patch_size"] == (32, 32, 32)
+    full = demo.settings_from(demo.parse_args(["--patch_size", "48", "48", "32"]))
+    assert full["patch_size"] == (48, 48, 32) and full["iterations"] == demo.ITERATIONS
+    with pytest.raises(demo.DemoError, match="--patch_size .*multiple of 16"):
+        demo.settings_from(demo.parse_args(["--patch_size", "40", "48", "32"]))
+    with pytest.raises(demo.DemoError, match="--labeled_bs 4 must be < --batch_size 4"):
+        demo.settings_from(demo.parse_args(["--labeled_bs", "4"]))
+    with pytest.raises(demo.DemoError, match="--iterations must be >= 1"):
+        demo.settings_from(demo.parse_args(["--iterations", "0"]))
+    assert demo.schedule(6000) == {"lr_step": 2500, "rampup_block": 150}
+    assert demo.schedule(300) == {"lr_step": 125, "rampup_block": 8}
+    assert demo.choose_threads(3) == 3 and demo.choose_threads(0) >= 1
+
+
+def _records(dices):
+    return {"mean": {"dice": float(np.mean(dices))}, "cases": [{"case": f"c{i}", "dice": d} for i, d in enumerate(dices)]}
+
+
+def test_compare_says_what_happened():
+    mt = _records([0.80, 0.70, 0.75, 0.85])
+    better = demo.compare(mt, _records([0.90, 0.80, 0.85, 0.95]))
+    assert better["semisam_beat_mt"] and better["statement"].startswith("SemiSAM beat MT on Dice: 87.50 % vs 77.50 %")
+    assert "higher on 4 and lower on 0 of 4" in better["statement"] and "exceeds two standard errors" in better["statement"]
+    worse = demo.compare(mt, _records([0.79, 0.71, 0.70, 0.84]))
+    assert not worse["semisam_beat_mt"] and worse["statement"].startswith("SemiSAM did not beat MT")
+    assert worse["dice_difference_points"] == pytest.approx(-1.5)
+    assert "does not show a real difference" in worse["statement"]
+    with pytest.raises(demo.DemoError, match="different cases"):
+        demo.compare(mt, _records([0.9, 0.9]))
+
+
+def test_crop_box_is_centred_and_inside_the_volume():
+    mask = np.zeros((96, 96, 64), np.uint8)
+    mask[70:90, 10:20, 30:34] = 1
+    box = demo.crop_box(mask, (64, 64, 48))
+    assert box == ((32, 96), (0, 64), (8, 56))
+    assert demo.crop_box(np.zeros((40, 96, 64)), (64, 64, 48)) == ((0, 40), (16, 80), (8, 56))
+
+
+def _make(*args: str, venv: Path | None = None) -> str:
+    # a clean environment: under `make test` the parent make's MAKELEVEL/MAKEFLAGS would add directory lines,
+    # and variables of the Makefile set in the environment would change its defaults
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS", "PYTHON", "VENV", "DEMO_ARGS", "TEST_ARGS")}
+    cmd = ["make", "-n", *args] + ([f"VENV={venv}"] if venv else [])
+    return subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True, text=True).stdout
+
+
+def test_makefile_demo_and_test_targets(tmp_path):
+    lines = _make("demo", venv=tmp_path / "venv").splitlines()
+    py = f"{tmp_path / 'venv'}/bin/python"
+    # a missing venv is created and filled first, then the demo runs from code/
+    assert lines == [f"test -x {py} || python3 -m venv {tmp_path / 'venv'}", f"{py} -m pip install -r requirements.txt",
+                     f"touch {tmp_path / 'venv'}/.requirements-installed", f"cd code && {py} demo.py "]
+    assert _make("demo", "DEMO_ARGS=--quick", venv=tmp_path / "venv").splitlines()[-1].endswith("demo.py --quick")
+    assert _make("test", venv=tmp_path / "venv").splitlines()[-1] == f"cd code && {py} -m pytest tests -q"
+    # an installed venv (stamp newer than requirements.txt) is not touched again
+    (tmp_path / "venv").mkdir()
+    stamp = tmp_path / "venv" / ".requirements-installed"
+    stamp.touch()
+    later = (REPO / "requirements.txt").stat().st_mtime + 10
+    os.utime(stamp, (later, later))
+    assert _make("demo", venv=tmp_path / "venv").splitlines() == [f"cd code && {py} demo.py "]
+
+
+def test_quick_demo_on_the_real_la_data(first_run, la_root, tmp_path):
+    root = first_run[0]
+    summary = demo.main(["--quick", "--data_root", str(la_root), "--out", str(tmp_path / "model"), "--ckpt_dir",
+                         str(root / "ckpt"), "--max_test_cases", "1", "--stride_xy", "32", "--stride_z", "32",
+                         "--no_progress", "--threads", "1"])
+    assert summary["data"]["kind"] == "LA" and summary["generalist"]["action"] == "reused"
+    assert summary["distance_unit"] == "mm" and summary["n_test_cases"] == 1
+    first_test_case = read_list(la_root / "test.list")[0]
+    for label in ("MT", "SemiSAM"):
+        (case,) = summary["results"][label]["cases"]
+        assert case["case"] == first_test_case and all(math.isfinite(case[k]) for k in ("dice", "hd95", "asd"))
+    assert "HD95 (mm)" in (tmp_path / "model" / "summary.md").read_text()
+    assert png_size(tmp_path / "model" / "demo.png")[0] >= 1000

@@ -1,0 +1,155 @@
+"""Segmentation figures for reports: axial slices of an image with mask overlays, one row per slice.
+
+    save_segmentation_figure(path, [FigureCase(name, image, reference, panels=[FigurePanel(title, mask), ...])])
+
+draws, for each case and each chosen axial slice (constant Z), one row: the image alone, the reference
+(ground truth) filled, then every panel's mask filled with the reference's outline on top, so misses and false
+positives read at a glance. Arrays are (X, Y, Z) as stored in the h5 / NIfTI files; a slice is shown with X
+horizontal and Y vertical. A panel may carry a ``box`` (the region a model looked at, e.g. the crop given to
+SAM), drawn dashed on the slices that cut it.
+
+Only matplotlib's object API with the Agg canvas is used (no pyplot), so it never needs a display and never
+touches a global backend.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+__all__ = ["FigurePanel", "FigureCase", "pick_slices", "dice", "save_segmentation_figure"]
+
+_FILL = ("#e6550d", "#3182bd", "#31a354", "#756bb1", "#de2d26", "#636363")
+_REFERENCE_FILL = "#fdd835"
+_REFERENCE_LINE = "#fdd835"
+
+
+@dataclass
+class FigurePanel:
+    """One mask column. mask: (X, Y, Z) {0,1}; box: optional ((x0, x1), (y0, y1), (z0, z1)) half-open."""
+    title: str
+    mask: np.ndarray
+    box: Optional[tuple] = None
+
+
+@dataclass
+class FigureCase:
+    """One case: image (X, Y, Z) float, reference mask (X, Y, Z) {0,1}, panels to compare with it."""
+    name: str
+    image: np.ndarray
+    reference: np.ndarray
+    panels: list = field(default_factory=list)
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice of two binary masks of the same shape; 1.0 when both are empty."""
+    a, b = np.asarray(a) > 0, np.asarray(b) > 0
+    if a.shape != b.shape:
+        raise ValueError(f"dice: shapes differ, {a.shape} vs {b.shape}")
+    denom = int(a.sum()) + int(b.sum())
+    return 1.0 if denom == 0 else 2.0 * int((a & b).sum()) / denom
+
+
+def pick_slices(reference: np.ndarray, n: int) -> list[int]:
+    """``n`` axial (Z) indices spread evenly over the reference's foreground extent (between 20 % and 80 %
+    of it, where the structure is large), or over the whole volume when the reference is empty."""
+    if n < 1:
+        raise ValueError(f"pick_slices: n must be >= 1, got {n}")
+    reference = np.asarray(reference)
+    if reference.ndim != 3:
+        raise ValueError(f"pick_slices: reference must be (X, Y, Z), got shape {reference.shape}")
+    zs = np.flatnonzero(reference.reshape(-1, reference.shape[2]).any(axis=0))
+    lo, hi = (int(zs[0]), int(zs[-1])) if len(zs) else (0, reference.shape[2] - 1)
+    if n == 1:
+        return [(lo + hi) // 2]
+    fractions = np.linspace(0.2, 0.8, n)
+    return sorted({int(round(lo + f * (hi - lo))) for f in fractions})
+
+
+def _check_case(case: FigureCase) -> None:
+    shape = np.shape(case.image)
+    if len(shape) != 3:
+        raise ValueError(f"case {case.name}: image must be (X, Y, Z), got shape {shape}")
+    if np.shape(case.reference) != shape:
+        raise ValueError(f"case {case.name}: reference shape {np.shape(case.reference)} != image shape {shape}")
+    for p in case.panels:
+        if np.shape(p.mask) != shape:
+            raise ValueError(f"case {case.name}, panel {p.title!r}: mask shape {np.shape(p.mask)} != image "
+                             f"shape {shape}")
+
+
+def _overlay(ax, mask2d: np.ndarray, color: str, alpha: float = 0.45) -> None:
+    from matplotlib.colors import ListedColormap
+    if mask2d.any():
+        ax.imshow(np.ma.masked_where(~mask2d.T, mask2d.T), cmap=ListedColormap([color]), alpha=alpha,
+                  origin="lower", interpolation="nearest", vmin=0, vmax=1)
+
+
+def _outline(ax, mask2d: np.ndarray, color: str) -> None:
+    if mask2d.any() and not mask2d.all():
+        ax.contour(mask2d.T.astype(float), levels=[0.5], colors=[color], linewidths=0.8, origin="lower")
+
+
+def _box(ax, box, z: int) -> None:
+    from matplotlib.patches import Rectangle
+    (x0, x1), (y0, y1), (z0, z1) = box
+    if z0 <= z < z1:
+        ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor="white",
+                               linestyle="--", linewidth=0.8))
+
+
+def save_segmentation_figure(path, cases: Sequence[FigureCase], n_slices: int = 3, title: Optional[str] = None,
+                             panel_size: float = 2.2, dpi: int = 110) -> Path:
+    """Write a PNG: for every case, ``n_slices`` rows (see :func:`pick_slices`) x (2 + len(panels)) columns.
+
+    Returns the written path. Raises ValueError when a case's arrays disagree in shape (naming the case and
+    panel) or when there is nothing to draw.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    cases = list(cases)
+    if not cases:
+        raise ValueError("save_segmentation_figure: no case to draw")
+    for case in cases:
+        _check_case(case)
+    n_cols = 2 + max(len(c.panels) for c in cases)
+    rows = [(case, z) for case in cases for z in pick_slices(case.reference, n_slices)]
+    fig = Figure(figsize=(panel_size * n_cols, panel_size * len(rows) + (0.5 if title else 0.1)))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(rows), n_cols, squeeze=False)
+    for r, (case, z) in enumerate(rows):
+        image = np.asarray(case.image, dtype=np.float32)[:, :, z]
+        lo, hi = np.percentile(image, [1, 99])
+        reference = np.asarray(case.reference)[:, :, z] > 0
+        columns = [("image", None, None), ("ground truth", reference, None)]
+        columns += [(p.title, np.asarray(p.mask)[:, :, z] > 0, p) for p in case.panels]
+        for c in range(n_cols):
+            ax = axes[r, c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c >= len(columns):
+                ax.axis("off")
+                continue
+            name, mask2d, panel = columns[c]
+            ax.imshow(image.T, cmap="gray", vmin=lo, vmax=hi, origin="lower", interpolation="nearest")
+            if c == 1:
+                _overlay(ax, mask2d, _REFERENCE_FILL)
+            elif c >= 2:
+                _overlay(ax, mask2d, _FILL[(c - 2) % len(_FILL)])
+                _outline(ax, reference, _REFERENCE_LINE)
+                if panel.box is not None:
+                    _box(ax, panel.box, z)
+            if r == 0 or rows[r - 1][0] is not case:
+                ax.set_title(name, fontsize=8)
+            if c == 0:
+                ax.set_ylabel(f"{case.name}\nz={z}", fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    return path
