@@ -381,9 +381,11 @@ class LAHeart(Dataset):
 _PRIMARY, _SECONDARY, _AUG = 0, 1, 2  # SeedSequence tags keeping the three random streams independent
 
 
-def _index_array(indices, name: str) -> np.ndarray:
+def _index_array(indices, name: str, allow_empty: bool = False) -> np.ndarray:
     arr = np.asarray(list(indices))
     if arr.size == 0:
+        if allow_empty:
+            return np.zeros(0, dtype=np.int64)
         raise LADataError(f"{name} is empty: the sampler needs at least one index")
     if arr.ndim != 1 or arr.dtype.kind not in "iu":
         raise LADataError(f"{name} must be a flat sequence of integer dataset indices, got dtype {arr.dtype}")
@@ -412,16 +414,18 @@ class TwoStreamBatchSampler(Sampler):
     def __init__(self, primary_indices, secondary_indices, batch_size: int, secondary_batch_size: int,
                  seed: int = 0, rank: int = 0, world_size: int = 1):
         super().__init__()
+        self.batch_size = _as_int(batch_size, "batch_size")
+        self.secondary_batch_size = _as_int(secondary_batch_size, "secondary_batch_size")
+        if not 0 <= self.secondary_batch_size < self.batch_size:
+            raise LADataError(f"need 0 <= secondary_batch_size < batch_size, got "
+                              f"secondary_batch_size={self.secondary_batch_size}, batch_size={self.batch_size}")
         self.primary = _index_array(primary_indices, "primary_indices (labeled)")
-        self.secondary = _index_array(secondary_indices, "secondary_indices (unlabeled)")
+        # secondary_batch_size 0 (supervised only, e.g. every case labeled): the unlabeled stream is unused
+        self.secondary = _index_array(secondary_indices, "secondary_indices (unlabeled)",
+                                      allow_empty=self.secondary_batch_size == 0)
         overlap = np.intersect1d(self.primary, self.secondary)
         if overlap.size:
             raise LADataError(f"labeled and unlabeled indices overlap: {overlap[:10].tolist()}")
-        self.batch_size = _as_int(batch_size, "batch_size")
-        self.secondary_batch_size = _as_int(secondary_batch_size, "secondary_batch_size")
-        if not 1 <= self.secondary_batch_size < self.batch_size:
-            raise LADataError(f"need 1 <= secondary_batch_size < batch_size so both streams contribute, got "
-                              f"secondary_batch_size={self.secondary_batch_size}, batch_size={self.batch_size}")
         self.primary_batch_size = self.batch_size - self.secondary_batch_size
         self.seed = _as_int(seed, "seed")
         self.rank = _as_int(rank, "rank")

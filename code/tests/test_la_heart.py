@@ -428,8 +428,8 @@ def test_sampler_single_labeled_case_and_errors():
         (([], [1], 2, 1), r"primary_indices \(labeled\) is empty"),
         (([0], [], 2, 1), r"secondary_indices \(unlabeled\) is empty"),
         (([0, 1], [1, 2], 2, 1), r"labeled and unlabeled indices overlap: \[1\]"),
-        (([0], [1], 2, 2), r"need 1 <= secondary_batch_size < batch_size.*secondary_batch_size=2, batch_size=2"),
-        (([0], [1], 2, 0), r"need 1 <= secondary_batch_size < batch_size"),
+        (([0], [1], 2, 2), r"need 0 <= secondary_batch_size < batch_size.*secondary_batch_size=2, batch_size=2"),
+        (([0], [1], 2, -1), r"need 0 <= secondary_batch_size < batch_size"),
         (([0, 0], [1], 2, 1), r"primary_indices \(labeled\) holds duplicate indices"),
     ]
     for args, msg in cases:
@@ -437,5 +437,9 @@ def test_sampler_single_labeled_case_and_errors():
             TwoStreamBatchSampler(*args)
     with pytest.raises(LADataError, match=r"rank must be in \[0, world_size=2\), got 2"):
         TwoStreamBatchSampler([0], [1], 2, 1, rank=2, world_size=2)
+    # every case labeled (supervised only): no unlabeled stream, labeled batches only
+    everything = TwoStreamBatchSampler(range(80), [], batch_size=4, secondary_batch_size=0, seed=2)
+    batches = [[i for i, _ in everything.batch_at(t)] for t in range(20)]
+    assert all(len(b) == 4 for b in batches) and sorted(sum(batches, [])) == list(range(80))
     with pytest.raises(LADataError, match=re.escape("sampler state lacks 'next_batch'")):
         s.load_state_dict({})

@@ -209,3 +209,20 @@ def test_tensorboard_writer_fallbacks(setup, la_data_dir, tmp_path, monkeypatch)
     out = tmp_path / "no_tb"
     assert "no TensorBoard events are written" in (out / "log.txt").read_text()
     assert not list(out.glob("log/events.*")) and (out / "iter_1.pth").exists()
+
+
+def test_every_case_labeled_supervised_runs_and_semi_supervised_refuses(setup, la_data_dir, tmp_path):
+    """labeled_num may be the whole list (the upper bound of 'any count from 1 to N') for the supervised
+    baseline; a semi-supervised method then has no unlabeled case and says so."""
+    n = len(setup["train_list"].read_text().split())
+    args = run_args(la_data_dir, setup["train_list"], tmp_path, "all", iters=2)
+    args[args.index("--labeled_num") + 1] = str(n)
+    cfg = parse_config({"specialist": "none", "generalist_term": "none"}, args)
+    trainer = Trainer(cfg)
+    assert trainer.unlabeled_idxs == [] and trainer.labeled_idxs == list(range(n))
+    batch = next(iter(trainer.make_loader()))
+    assert batch["labeled"].tolist() == [True, True]
+    assert np.isfinite(trainer.train_step(batch).loss)
+    trainer.out.close()
+    with pytest.raises(ValueError, match=rf"labeled_num={n} leaves no unlabeled case"):
+        Trainer(parse_config({"specialist": "mt", "generalist_term": "none"}, args))

@@ -174,17 +174,15 @@ class Trainer:
         list_file = cfg.train_list_path
         cases = read_list(list_file)
         self.labeled_idxs, self.unlabeled_idxs = split_labeled(len(cases), cfg.labeled_num)
-        if not self.unlabeled_idxs:
+        if not self.unlabeled_idxs and self.uses_unlabeled:
             raise ValueError(f"labeled_num={cfg.labeled_num} leaves no unlabeled case in {list_file} "
-                             f"({len(cases)} cases); the batch sampler needs at least one")
+                             f"({len(cases)} cases); a semi-supervised method needs at least one")
         transform = Compose([RandomRotFlip(), RandomCrop(cfg.patch_size), ToTensor()])
         self.dataset = LAHeart(base_dir=cfg.root_path, list_file=list_file, transform=transform, cache=cfg.cache,
                                withhold_labels=self.unlabeled_idxs)
         n_unlabeled = cfg.batch_size - cfg.labeled_bs
-        if n_unlabeled == 0 and not self.uses_unlabeled:
-            # an all-labeled batch (supervised only): the sampler needs one unlabeled row per batch, which
-            # _Batches drops before anything is loaded
-            n_unlabeled = 1
+        if not self.unlabeled_idxs:
+            n_unlabeled = 0          # supervised only with every case labeled: no unlabeled stream at all
         self.sampler = TwoStreamBatchSampler(self.labeled_idxs, self.unlabeled_idxs, cfg.labeled_bs + n_unlabeled,
                                              n_unlabeled, seed=cfg.seed, rank=self.ctx.rank,
                                              world_size=self.ctx.world_size)
