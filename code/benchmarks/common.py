@@ -1,0 +1,410 @@
+"""Shared helpers of the benchmarks: data location, machine description, memory peaks, statistics, tables,
+worker subprocesses and random-weight SAM-Med3D generalists.
+
+Every benchmark is a script run from ``code/`` (``python benchmarks/bench_step.py ...``) or as a module
+(``python -m benchmarks.bench_step ...``); both put ``code/`` on ``sys.path`` so the project's top-level
+packages (``training``, ``networks``, ...) import as they do for the training scripts.
+
+Timing conventions: wall-clock ``time.perf_counter``; on CUDA every timed region is bracketed by
+``torch.cuda.synchronize`` so asynchronous kernels are charged to the region that launched them.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Sequence
+
+CODE_DIR = Path(__file__).resolve().parents[1]
+if str(CODE_DIR) not in sys.path:
+    sys.path.insert(0, str(CODE_DIR))
+
+import torch  # noqa: E402  (after the sys.path fix, like every project import below)
+
+TRAINING_FOLDER = "2018LA_Seg_Training Set"   # UA-MT layout: <root>/<TRAINING_FOLDER>/<case>/mri_norm2.h5
+LA_ENV = "LA_DATA_ROOT"
+
+
+class BenchmarkError(ValueError):
+    """Unusable benchmark settings (the message names the setting and what was expected)."""
+
+
+# ------------------------------------------------------------------------------------------------ data
+def resolve_case_dir(root_path: Optional[str]) -> Path:
+    """The folder of LA case folders, from ``root_path`` or the ``LA_DATA_ROOT`` environment variable.
+
+    Accepts the dataset root (holding ``2018LA_Seg_Training Set/`` and ``train.list``) or the case folder
+    itself (whose parent holds the lists, UA-MT's layout). Raises ``FileNotFoundError`` naming the path.
+    """
+    where = "--root_path"
+    if not root_path:
+        root_path = os.environ.get(LA_ENV)
+        where = LA_ENV
+    if not root_path:
+        raise FileNotFoundError(f"no LA data given: pass --root_path <LA root>, set {LA_ENV}, or use --synthetic "
+                                f"(phantom volumes in the LA layout)")
+    path = Path(root_path).expanduser()
+    case_dir = path / TRAINING_FOLDER if (path / TRAINING_FOLDER).is_dir() else path
+    if not case_dir.is_dir() or not (case_dir.parent / "train.list").is_file():
+        raise FileNotFoundError(f"{where}={root_path}: expected the LA root holding '{TRAINING_FOLDER}/' and "
+                                f"train.list (or that case folder itself), found no such layout")
+    return case_dir
+
+
+def make_synthetic_data(folder: Path, n_train: int = 6, n_test: int = 1, seed: int = 0) -> Path:
+    """Write LA-sized phantom cases (``dataloaders.phantoms``) into ``folder``; returns the case folder.
+
+    Used with ``--synthetic`` where the real data is absent (e.g. a GPU machine without network); the
+    volumes have the LA crop size (190, 140, 88), so patches and inference windows cost what they cost
+    on the real scans.
+    """
+    from dataloaders.phantoms import write_phantom_dataset
+    write_phantom_dataset(folder, n_train=n_train, n_test=n_test, seed=seed)
+    return Path(folder) / TRAINING_FOLDER
+
+
+def data_case_dir(root_path: Optional[str], synthetic: bool, scratch: Path) -> tuple[Path, str]:
+    """(case folder, description) for ``--root_path`` / ``LA_DATA_ROOT`` or ``--synthetic`` phantoms."""
+    if synthetic:
+        return make_synthetic_data(scratch / "phantoms"), "synthetic phantoms (dataloaders.phantoms, seed 0)"
+    case_dir = resolve_case_dir(root_path)
+    return case_dir, f"LA data at {case_dir.parent}"
+
+
+# --------------------------------------------------------------------------------------------- runtime
+def setup_runtime(threads: Optional[int], tune_malloc: bool = True) -> int:
+    """Apply the glibc malloc options the training scripts apply (``training.run.tune_malloc``, unless the
+    run's ``--tune_malloc 0``) and the torch thread count; returns the number of threads."""
+    from training.run import tune_malloc as apply_malloc_options
+    if tune_malloc:
+        apply_malloc_options()
+    if threads is not None:
+        if threads < 1:
+            raise BenchmarkError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> cuda if available else cpu; a CUDA request without CUDA is a ``BenchmarkError``."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BenchmarkError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return device
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, object]:
+    """(seconds, result) of ``fn()``, synchronised on CUDA."""
+    synchronize(device)
+    start = time.perf_counter()
+    out = fn()
+    synchronize(device)
+    return time.perf_counter() - start, out
+
+
+def interleaved(calls: dict, device: torch.device, warmup: int, steps: int,
+                progress: Optional[Callable[[str], None]] = None) -> tuple[dict, dict]:
+    """Time several zero-argument callables alternately.
+
+    Each gets ``warmup`` untimed calls, then ``steps`` rounds call every one once in turn (order reversed
+    every other round), so a drifting load of a shared machine affects all alike. Returns
+    ``({name: {'wall': spread, 'cpu': spread}}, {name: output of its last call})``; 'cpu' is this process's
+    CPU time (all threads), less disturbed by other processes than wall-clock time.
+    """
+    outputs = {}
+    for name, fn in calls.items():
+        for _ in range(warmup):
+            outputs[name] = fn()
+    wall: dict = {n: [] for n in calls}
+    cpu: dict = {n: [] for n in calls}
+    names = list(calls)
+    for rnd in range(steps):
+        for name in (names if rnd % 2 == 0 else names[::-1]):
+            if progress:
+                progress(f"{name} ({rnd + 1}/{steps})")
+            cpu_start = time.process_time()
+            seconds, outputs[name] = timed(calls[name], device)
+            cpu[name].append(time.process_time() - cpu_start)
+            wall[name].append(seconds)
+    return {n: {"wall": spread(wall[n]), "cpu": spread(cpu[n])} for n in names}, outputs
+
+
+def amp_dtype(name: str) -> Optional[torch.dtype]:
+    """'none' | 'fp32' -> None (float32), 'bf16' -> torch.bfloat16."""
+    table = {"none": None, "fp32": None, "bf16": torch.bfloat16}
+    if name not in table:
+        raise BenchmarkError(f"precision {name!r} unknown; choose from {sorted(table)}")
+    return table[name]
+
+
+def autocast(device: torch.device, dtype: Optional[torch.dtype]):
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+# ---------------------------------------------------------------------------------------------- memory
+def _status_kib(field: str) -> Optional[int]:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def process_peak_rss() -> int:
+    """Peak resident set size of this process so far, bytes (``getrusage`` ru_maxrss; KiB on Linux)."""
+    import resource
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak) * (1 if sys.platform == "darwin" else 1024)
+
+
+def reset_peak_rss() -> bool:
+    """Restart the kernel's peak-RSS record (Linux ``/proc/self/clear_refs`` = 5); True if it worked.
+
+    After this, :func:`peak_rss_since_reset` measures only what follows (e.g. the timed steps), while
+    :func:`process_peak_rss` read *before* the reset keeps the peak of the set-up phase.
+    """
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def peak_rss_since_reset() -> Optional[int]:
+    """Peak RSS (``VmHWM``) since :func:`reset_peak_rss`, bytes; None off Linux."""
+    kib = _status_kib("VmHWM")
+    return None if kib is None else kib * 1024
+
+
+def gib(n: Optional[float]) -> Optional[float]:
+    return None if n is None else n / 2**30
+
+
+# ----------------------------------------------------------------------------------------- statistics
+def spread(values: Sequence[float]) -> dict:
+    """{'median', 'min', 'max', 'n'} of ``values`` (seconds or any unit)."""
+    if not values:
+        raise BenchmarkError("no measurements to summarise")
+    vals = [float(v) for v in values]
+    return {"median": statistics.median(vals), "min": min(vals), "max": max(vals), "n": len(vals)}
+
+
+def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    return None if a is None or not b else a / b
+
+
+def dice(a, b) -> float:
+    """Dice of two boolean / {0,1} arrays or tensors (1.0 when both are empty)."""
+    a = torch.as_tensor(a).bool()
+    b = torch.as_tensor(b).bool()
+    denom = int(a.sum()) + int(b.sum())
+    return 1.0 if denom == 0 else 2.0 * int((a & b).sum()) / denom
+
+
+# ------------------------------------------------------------------------------------------- machine
+def loadavg() -> Optional[list[float]]:
+    try:
+        return [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]]
+    except OSError:
+        return None
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _cpu_flags(wanted: Iterable[str]) -> list[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[1].split())
+            break
+    return sorted(f for f in flags if any(f.startswith(w) for w in wanted))
+
+
+def machine_info(device: Optional[torch.device] = None) -> dict:
+    """What the numbers were measured on: CPU, cores, torch, threads, GPU, load average, date (UTC)."""
+    info = {
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "cpu": _cpu_model(),
+        "cpu_flags": _cpu_flags(["avx512_bf16", "amx", "avx512f", "avx2"]),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "loadavg": loadavg(),
+    }
+    if device is not None and device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(gpu=props.name, gpu_memory_gib=props.total_memory / 2**30, cuda=torch.version.cuda,
+                    cudnn=torch.backends.cudnn.version())
+    return info
+
+
+# ------------------------------------------------------------------------------------ SAM generalists
+def randomize_zero_init(model: torch.nn.Module, seed: int, std: float = 0.02) -> torch.nn.Module:
+    """Fill the parameters SAM-Med3D initialises to zero (absolute and relative position tables) with
+    N(0, std^2) so that every path of a random-weight model carries non-trivial numbers (with zero
+    tables the relative-position terms, whose cost we time, would add exact zeros)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("pos_embed") or ".rel_pos_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+    return model
+
+
+def random_sam(arch: str = "vit_b_ori", seed: int = 0) -> torch.nn.Module:
+    """A randomly initialised SAM-Med3D (registry name or JSON config path), eval mode, frozen.
+
+    Random weights time exactly like trained ones (same shapes, same kernels); the pseudo-labels they
+    produce are meaningless, which the reports say.
+    """
+    from networks.sam_med3d import build_sam3d_from_config, sam_model_registry3D
+    torch.manual_seed(seed)
+    if arch in sam_model_registry3D:
+        model = sam_model_registry3D[arch]()
+    else:
+        path = Path(arch)
+        if not path.is_file():
+            raise BenchmarkError(f"generalist arch {arch!r} is neither a registry name "
+                                 f"({sorted(sam_model_registry3D)}) nor a JSON config file")
+        model = build_sam3d_from_config(json.loads(path.read_text()))
+    randomize_zero_init(model, seed)
+    return model.eval().requires_grad_(False)
+
+
+def random_generalist_checkpoint(folder: Path, arch: str, seed: int) -> Path:
+    """Save a random-weight SAM-Med3D (``random_sam(arch, seed)``) as a state-dict file in ``folder`` and
+    return its path, so the training engine loads it through ``load_generalist`` like a real checkpoint.
+    Reuses an existing file of the same (arch, seed)."""
+    name = f"random_{Path(arch).stem}_seed{seed}.pth"
+    path = Path(folder) / name
+    if not path.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(random_sam(arch, seed).state_dict(), tmp)
+        tmp.replace(path)
+    return path
+
+
+GENERALIST_PARTS = {"image_encoder": "generalist.encoder", "prompt_encoder": "generalist.prompt_encoder",
+                    "mask_decoder": "generalist.decoder"}
+
+
+def attach_generalist_timers(models: Sequence[torch.nn.Module], timer) -> list:
+    """Forward hooks charging every call of each SAM-Med3D's image_encoder / prompt_encoder / mask_decoder
+    to ``timer('generalist.encoder' | 'generalist.prompt_encoder' | 'generalist.decoder')`` (a
+    ``training.timing.SectionTimer``, which synchronises CUDA around each section). Returns the hook
+    handles (``h.remove()`` detaches them)."""
+    handles = []
+    for model in models:
+        for attr, section in GENERALIST_PARTS.items():
+            open_sections: list = []
+
+            def pre(mod, args, section=section, open_sections=open_sections):
+                ctx = timer(section)
+                ctx.__enter__()
+                open_sections.append(ctx)
+
+            def post(mod, args, output, open_sections=open_sections):
+                open_sections.pop().__exit__(None, None, None)
+
+            module = getattr(model, attr)
+            handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+    return handles
+
+
+# ------------------------------------------------------------------------------------------ workers
+def scratch_dir(prefix: str) -> tempfile.TemporaryDirectory:
+    return tempfile.TemporaryDirectory(prefix=prefix)
+
+
+def run_worker(script: Path, spec: dict, scratch: Path, tag: str, timeout: Optional[float] = None,
+               threads: Optional[int] = None) -> dict:
+    """Run ``python script --_worker SPEC`` in a fresh process (its own memory peak) and return the JSON
+    it wrote to ``spec['out']``. Raises ``RuntimeError`` with the worker's stderr tail on failure."""
+    spec = dict(spec, out=str(scratch / f"{tag}.result.json"))
+    spec_path = scratch / f"{tag}.spec.json"
+    spec_path.write_text(json.dumps(spec))
+    env = dict(os.environ)
+    if threads is not None:
+        # OpenMP pools of every library in the worker get the same size as torch's intra-op pool
+        env["OMP_NUM_THREADS"] = str(threads)
+    cmd = [sys.executable, str(script), "--_worker", str(spec_path)]
+    proc = subprocess.run(cmd, env=env, cwd=str(CODE_DIR), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, timeout=timeout)
+    if proc.stderr:
+        sys.stderr.write(proc.stderr)
+    if proc.returncode != 0 or not Path(spec["out"]).is_file():
+        tail = "\n".join(proc.stderr.strip().splitlines()[-25:])
+        raise RuntimeError(f"benchmark worker {tag!r} failed (exit {proc.returncode}):\n{tail}")
+    return json.loads(Path(spec["out"]).read_text())
+
+
+def write_json(path: Optional[str], payload: dict) -> None:
+    if not path:
+        return
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+    print(f"wrote {out}")
+
+
+# ------------------------------------------------------------------------------------------- tables
+def fmt_seconds(s: Optional[float]) -> str:
+    if s is None:
+        return "-"
+    return f"{s:.2f} s" if s >= 1 else f"{1e3 * s:.1f} ms"
+
+
+def fmt_spread(d: Optional[dict]) -> str:
+    """'median [min, max]' of a :func:`spread` dict of seconds."""
+    if not d:
+        return "-"
+    return f"{fmt_seconds(d['median'])} [{fmt_seconds(d['min'])}, {fmt_seconds(d['max'])}]"
+
+
+def fmt_ratio(r: Optional[float]) -> str:
+    return "-" if r is None else f"{r:.2f}x"
+
+
+def fmt_gib(b: Optional[float]) -> str:
+    return "-" if b is None else f"{b / 2**30:.2f} GiB"
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A GitHub markdown table (first column left-aligned, the others right-aligned)."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    def line(cells):
+        return "| " + " | ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)
+                                 for i, (c, w) in enumerate(zip(cells, widths))) + " |"
+    sep = "|" + "|".join(("-" * (w + 2)) if i == 0 else ("-" * (w + 1) + ":") for i, w in enumerate(widths)) + "|"
+    return "\n".join([line(header), sep, *(line(r) for r in rows)])

@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# GPU benchmark pass at paper settings (a few minutes on one H100/H200-class GPU); JSON under results/gpu/.
+#
+#   bash code/benchmarks/gpu_check.sh [--root_path LA_ROOT | --synthetic] [--out DIR] [--quick]
+#
+# Needs python3 with torch (CUDA), numpy, scipy, h5py and tqdm -- no network, no tensorboardX (the benchmarks
+# build the Trainer with a silent RunOutput). Data: --root_path, else $LA_DATA_ROOT, else LA-sized phantoms
+# written on the fly (--synthetic, also the automatic fallback). Generalists are RANDOM-weight vit_b_ori
+# (timing only). Training steps load data with 4 DataLoader workers (as training does), so 'data' is the wait
+# for a batch, not its loading cost. Writes into --out (default <repo>/results/gpu):
+#   step_fp32.json   MT, UA-MT, SemiSAM (point, 10 clicks) at 112x112x80, batch 4 (2 labeled), fp32
+#   step_bf16.json   the same under bf16 autocast, plus MT fp32 as the in-run baseline
+#   step_128.json    MT and SemiSAM at the SemiSAM script's 128^3 patch, fp32 and bf16
+#   encoder.json     vit_b_ori image encoder fast vs reference, fp32 and bf16, batch 2; generalist branch fp32 vs bf16
+#   inference.json   sliding-window inference of one volume (112x112x80, stride 18/4) fp32 vs bf16
+#   gpu_check.log    everything printed
+# GPU_CHECK_DRY_RUN=1 prints the commands without running them (the tests check them against the parsers).
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+code_dir="$(dirname "$here")"
+results="$(dirname "$code_dir")/results/gpu"
+data=()
+steps=10
+warmup=3
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --root_path) data=(--root_path "$2"); shift 2 ;;
+    --synthetic) data=(--synthetic); shift ;;
+    --out) results="$2"; shift 2 ;;
+    --quick) steps=3; warmup=1; shift ;;
+    -h|--help) sed -n '2,17p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    *) echo "gpu_check.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
+  esac
+done
+if [ ${#data[@]} -eq 0 ]; then
+  if [ -n "${LA_DATA_ROOT:-}" ] && [ -d "${LA_DATA_ROOT}" ]; then
+    data=(--root_path "$LA_DATA_ROOT")
+  else
+    data=(--synthetic)
+  fi
+fi
+dry="${GPU_CHECK_DRY_RUN:-}"
+py="${PYTHON:-python3}"
+
+run() {
+  echo "+ $*"
+  if [ -z "$dry" ]; then "$@"; fi
+}
+
+cd "$code_dir"
+if [ -z "$dry" ]; then
+  mkdir -p "$results"
+  exec > >(tee "$results/gpu_check.log") 2>&1
+  "$py" - <<'EOF'
+import importlib, sys
+import torch
+missing = [m for m in ("numpy", "scipy", "h5py", "tqdm") if importlib.util.find_spec(m) is None]
+if missing:
+    sys.exit(f"gpu_check.sh: missing python packages {missing}: carry them as wheels (see README)")
+if not torch.cuda.is_available():
+    sys.exit("gpu_check.sh: torch sees no CUDA device")
+print("torch", torch.__version__, "cuda", torch.version.cuda, "on", torch.cuda.get_device_name(0))
+EOF
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv || true
+fi
+
+common=(--device cuda --steps "$steps" --warmup "$warmup" --num_workers 4 "${data[@]}")
+run "$py" benchmarks/bench_step.py --compare mt uamt semisam "${common[@]}" --json "$results/step_fp32.json"
+run "$py" benchmarks/bench_step.py --compare mt mt:amp=bf16 uamt:amp=bf16 semisam:amp=bf16 "${common[@]}" \
+    --json "$results/step_bf16.json"
+run "$py" benchmarks/bench_step.py --compare mt semisam mt:amp=bf16 semisam:amp=bf16 "${common[@]}" \
+    --patch_size 128 128 128 --json "$results/step_128.json"
+run "$py" benchmarks/bench_encoder.py --device cuda --batch 2 --steps "$steps" --warmup "$warmup" --branch \
+    "${data[@]}" --json "$results/encoder.json"
+run "$py" benchmarks/bench_inference.py --device cuda --repeats 3 "${data[@]}" --json "$results/inference.json"
+echo "gpu_check.sh: done; results in $results"

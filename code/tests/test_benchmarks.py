@@ -1,0 +1,241 @@
+"""Smoke tests of the benchmarks (code/benchmarks/) on tiny settings: they run the real engine, networks and
+data, and check that the reported numbers are consistent (sections inside the step, spreads ordered, paths
+agreeing), not how fast anything is."""
+import json
+import math
+import mmap
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import bench_encoder, bench_inference, bench_step
+from benchmarks import common as C
+
+BENCH_DIR = Path(bench_step.__file__).resolve().parent
+TINY_STEP = ["--patch_size", "32", "32", "16", "--batch_size", "2", "--labeled_bs", "1", "--n_filters", "4",
+             "--generalist_arch", "vit_tiny_demo", "--num_clicks", "2", "--steps", "2", "--warmup", "1",
+             "--threads", "1"]
+# runs inside the pytest process must not change its malloc behaviour (the workers are processes of their own)
+KEEP_MALLOC = ["--tune_malloc", "0"]
+
+
+# ------------------------------------------------------------------------------------------ common
+def test_spread_ratio_dice_and_table():
+    assert C.spread([3.0, 1.0, 2.0]) == {"median": 2.0, "min": 1.0, "max": 3.0, "n": 3}
+    with pytest.raises(C.BenchmarkError, match="no measurements"):
+        C.spread([])
+    assert C.ratio(3.0, 1.5) == 2.0 and C.ratio(1.0, 0.0) is None
+    a = torch.tensor([1, 1, 0, 0])
+    assert C.dice(a, torch.tensor([1, 0, 1, 0])) == 0.5
+    assert C.dice(torch.zeros(3), torch.zeros(3)) == 1.0
+    table = C.markdown_table(["name", "value"], [["a", "1"], ["bbb", "22"]]).splitlines()
+    assert table[0] == "| name | value |" and table[1] == "|------|------:|" and table[3] == "| bbb  |    22 |"
+    assert C.fmt_seconds(0.0123) == "12.3 ms" and C.fmt_seconds(2.5) == "2.50 s"
+
+
+def test_peak_rss_reset_measures_only_what_follows():
+    big = mmap.mmap(-1, 256 * 2**20)      # 256 MiB peak before the reset, returned to the OS on close
+    for offset in range(0, len(big), 4096):
+        big[offset] = 1
+    big.close()
+    before = C.process_peak_rss()
+    assert before > 256 * 2**20
+    if not C.reset_peak_rss():
+        pytest.fail("/proc/self/clear_refs not writable: peak_rss_steps would be missing on this machine")
+    block = torch.ones(16 * 2**20 // 4)   # 16 MiB touched after the reset
+    since = C.peak_rss_since_reset()
+    assert since is not None and block.numel() * 4 <= since < before - 128 * 2**20
+
+
+def test_resolve_case_dir(la_root, la_data_dir, tmp_path, monkeypatch):
+    assert C.resolve_case_dir(str(la_root)) == la_data_dir
+    assert C.resolve_case_dir(str(la_data_dir)) == la_data_dir
+    monkeypatch.setenv("LA_DATA_ROOT", str(la_root))
+    assert C.resolve_case_dir(None) == la_data_dir
+    with pytest.raises(FileNotFoundError, match=f"--root_path={tmp_path}.*train.list"):
+        C.resolve_case_dir(str(tmp_path))
+    monkeypatch.delenv("LA_DATA_ROOT")
+    with pytest.raises(FileNotFoundError, match="--synthetic"):
+        C.resolve_case_dir(None)
+
+
+def test_random_sam_fills_zero_initialised_tables():
+    model = C.random_sam("vit_tiny_demo", seed=3)
+    rel = model.image_encoder.blocks[0].attn.rel_pos_d
+    assert float(rel.abs().max()) > 0 and float(model.image_encoder.pos_embed.abs().max()) > 0
+    assert not any(p.requires_grad for p in model.parameters())
+    again = C.random_sam("vit_tiny_demo", seed=3)
+    assert torch.equal(rel, again.image_encoder.blocks[0].attn.rel_pos_d)
+    with pytest.raises(C.BenchmarkError, match="nor a JSON config"):
+        C.random_sam("vit_nonexistent")
+
+
+# ------------------------------------------------------------------------------------------ bench_step
+@pytest.mark.parametrize("method,script", sorted(bench_step.METHOD_SCRIPTS.items()))
+def test_method_presets_are_the_entry_scripts_settings(method, script):
+    module = __import__(script)
+    settings, n_generalists = bench_step.method_preset(method)
+    assert settings["specialist"] == module.SPECIALIST
+    assert settings["generalist_term"] == module.GENERALIST_TERM
+    assert n_generalists == len(getattr(module, "GENERALIST", []))
+    assert "patch_size" not in settings        # methods are compared at one patch size
+    if n_generalists:
+        assert settings["prompt"] == module.PROMPT and settings["num_clicks"] == module.NUM_CLICKS
+
+
+def test_entries_and_bad_settings():
+    assert bench_step.parse_entry("semisam:patch_size=128,128,128:amp=bf16") == (
+        "semisam", ["--patch_size", "128", "128", "128", "--amp", "bf16"])
+    assert bench_step.parse_entry("mt") == ("mt", [])
+    with pytest.raises(C.BenchmarkError, match="METHOD\\[:key=value...\\], got 'amp'"):
+        bench_step.parse_entry("mt:amp")
+    with pytest.raises(C.BenchmarkError, match="method 'vnet' unknown; choose from"):
+        bench_step.parse_entry("vnet")
+    with pytest.raises(C.BenchmarkError, match="--steps >= 1"):
+        bench_step.main(["--steps", "0"])
+
+
+def test_step_compare_in_fresh_processes(la_root, tmp_path, monkeypatch):
+    # the GPU image has no tensorboardX: any import of it in a worker must fail this test
+    blocker = tmp_path / "block"
+    blocker.mkdir()
+    (blocker / "tensorboardX.py").write_text("raise ImportError('tensorboardX must not be needed')\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(blocker), os.environ.get("PYTHONPATH", "")]))
+    out = tmp_path / "step.json"
+    payload = bench_step.main(["--compare", "mt", "semisam", "--root_path", str(la_root), *TINY_STEP,
+                               "--json", str(out)])
+    assert json.loads(out.read_text())["ratios_to_first"] == payload["ratios_to_first"]
+    mt, sam = payload["results"]
+    rel = payload["ratios_to_first"]
+    assert rel["mt"] == {"wall": 1.0, "cpu": 1.0, "within_process": 1.0, "within_base": "mt"}
+    assert rel["semisam"]["within_base"] == "mt"
+    assert math.isclose(rel["semisam"]["wall"], sam["step"]["median"] / mt["step"]["median"])
+    assert math.isclose(rel["semisam"]["cpu"], sam["cpu_step"]["median"] / mt["cpu_step"]["median"])
+    shares = [s["total"] / (s["total"] - s["sections"]["generalist"]) for s in sam["per_step"]]
+    assert math.isclose(rel["semisam"]["within_process"], statistics.median(shares)) and min(shares) > 1
+    for r in (mt, sam):
+        assert r["settings"]["patch_size"] == [32, 32, 16] and r["settings"]["n_filters"] == 4
+        assert r["step"]["n"] == 2 and r["step"]["min"] <= r["step"]["median"] <= r["step"]["max"]
+        assert set(r["cpu_sections"]) == set(r["sections"]) and r["cpu_step"]["median"] > 0
+        assert {"data", "student_forward", "loss", "teacher", "backward", "optimizer", "ema", "other"} <= set(
+            r["sections"])
+        assert all(math.isfinite(v) for v in r["losses"])
+        for step in r["per_step"]:     # sections never overlap: the rest of the step is >= 0
+            top = sum(v for n, v in step["sections"].items() if "." not in n and n != "other")
+            assert math.isclose(step["sections"]["other"], step["total"] - top, abs_tol=1e-9)
+            assert step["sections"]["other"] >= 0
+        mem = r["memory"]
+        assert 0 < mem["peak_rss_steps"] <= mem["peak_rss_process"]
+    assert "generalist" not in mt["sections"] and mt["generalist_weights"] == "none"
+    gen = sam["sections"]
+    assert gen["generalist.encoder"]["median"] > 0 and gen["generalist.decoder"]["median"] > 0
+    for step in sam["per_step"]:
+        assert step["sections"]["generalist.other"] >= 0     # the hooked parts lie inside 'generalist'
+    assert sam["generalist_weights"].startswith("random")
+
+
+def test_step_rounds_pool_steps_and_ratios_need_comparable_settings(la_root):
+    payload = bench_step.main(["--compare", "uamt", "sup:amp=bf16", "--in_process", "--rounds", "2",
+                               "--root_path", str(la_root), *TINY_STEP, *KEEP_MALLOC, "--steps", "1",
+                               "--uamt_passes", "2"])
+    uamt, sup = payload["results"]
+    assert uamt["rounds"] == 2 and uamt["step"]["n"] == 2 and len(uamt["loadavg"]) == 2
+    assert uamt["settings"]["uamt_passes"] == 2 and sup["settings"]["amp"] == "bf16"
+    assert uamt["settings"]["tune_malloc"] is False
+    assert uamt["sections"]["uncertainty"]["median"] > 0 and "teacher" not in sup["sections"]
+    rel = payload["ratios_to_first"]
+    # sup lacks the teacher and runs in bf16: uamt is no base for it, nor it for uamt
+    assert rel["sup:amp=bf16"]["within_base"] == "sup:amp=bf16" and rel["sup:amp=bf16"]["within_process"] == 1.0
+    assert rel["uamt"]["within_base"] == "uamt"
+    assert bench_step.within_process_ratio(sup, uamt) is None
+
+
+def test_step_reports_bad_data_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "nowhere")):
+        bench_step.main(["--method", "mt", "--root_path", str(tmp_path / "nowhere")])
+
+
+# ------------------------------------------------------------------------------------------ encoder
+def test_encoder_paths_agree_and_branch_compares_precisions(la_root):
+    payload = bench_encoder.main(["--arch", "vit_tiny_demo", "--batch", "1", "--steps", "1", "--warmup", "0",
+                                  "--threads", "1", "--branch", "--root_path", str(la_root), "--patch", "48", "48",
+                                  "32", "--num_clicks", "2", *KEEP_MALLOC])
+    enc = payload["encoder"]
+    assert set(enc["runs"]) == {"fp32/fast", "fp32/reference", "bf16/fast", "bf16/reference"}
+    assert enc["per_precision"]["fp32"]["rel_max_abs_diff_fast_vs_reference"] < 1e-4
+    assert enc["per_precision"]["bf16"]["rel_max_abs_diff_fast_vs_reference"] < 0.05
+    assert enc["per_precision"]["fp32"]["speedup_fast_vs_reference"]["wall"] > 0
+    assert all(run["wall"]["n"] == 1 and run["cpu"]["median"] > 0 for run in enc["runs"].values())
+    assert enc["per_impl"]["fast"]["max_abs_diff_bf16_vs_fp32"] > 0      # bf16 really ran
+    br = payload["branch"]
+    assert 0 <= br["voxel_agreement_bf16_vs_fp32"] <= 1 and 0 <= br["dice_bf16_vs_fp32"] <= 1
+    for run in br["runs"].values():
+        assert run["mean_parts_s"]["generalist.encoder"] > 0 and run["mean_parts_s"]["generalist.decoder"] > 0
+
+
+# ------------------------------------------------------------------------------------------ inference
+def test_inference_fp32_vs_bf16_with_a_checkpoint(la_root, tmp_path):
+    from networks.vnet import VNet
+    ckpt = tmp_path / "iter_1.pth"
+    torch.manual_seed(0)
+    torch.save(VNet(n_filters=4, normalization="batchnorm").state_dict(), ckpt)
+    out = tmp_path / "inf.json"
+    payload = bench_inference.main(["--root_path", str(la_root), "--checkpoint", str(ckpt), "--patch", "64", "64",
+                                    "48", "--stride_xy", "64", "--stride_z", "48", "--threads", "1", *KEEP_MALLOC,
+                                    "--json", str(out)])
+    assert json.loads(out.read_text())["windows"] == payload["windows"]
+    shape = payload["volume_shape"]
+    expected = 1
+    for s, p, st in zip(shape, (64, 64, 48), (64, 64, 48)):
+        expected *= math.ceil((max(s, p) - p) / st) + 1
+    assert payload["windows"] == expected
+    assert payload["weights"] == f"checkpoint {ckpt}" and payload["vnet"]["n_filters"] == 4
+    assert 0 <= payload["dice_bf16_vs_fp32"] <= 1 and payload["speedup_bf16_vs_fp32"]["wall"] > 0
+    assert 0 < payload["max_abs_score_diff"] < 1
+
+
+def test_random_vnet_batchnorm_statistics_come_from_the_volume():
+    image = torch.randn(40, 36, 20).mul(3).add(5).numpy()
+    net = bench_inference.random_vnet(4, 0, image, (32, 32, 16), 2, torch.device("cpu"))
+    bn = net.block_one.conv[1]
+    assert not net.training and bn.momentum == 0.1
+    assert float(bn.running_mean.abs().max()) > 0 and int(bn.num_batches_tracked) == 2
+
+
+# ------------------------------------------------------------------------------------------ gpu_check.sh
+def test_gpu_check_commands_parse(tmp_path):
+    from training.config import build_parser as training_parser
+    env = dict(os.environ, GPU_CHECK_DRY_RUN="1")
+    proc = subprocess.run(["bash", str(BENCH_DIR / "gpu_check.sh"), "--synthetic", "--out", str(tmp_path)],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    commands = [line[2:].split() for line in proc.stdout.splitlines() if line.startswith("+ ")]
+    scripts = [next(a for a in cmd if a.startswith("benchmarks/")) for cmd in commands]
+    assert scripts == ["benchmarks/bench_step.py"] * 3 + ["benchmarks/bench_encoder.py",
+                                                          "benchmarks/bench_inference.py"]
+    for cmd, script in zip(commands, scripts):
+        argv = cmd[cmd.index(script) + 1:]
+        assert "--synthetic" in argv and "cuda" in argv
+        if script.endswith("bench_step.py"):
+            args, train_argv = bench_step.build_parser().parse_known_args(argv)
+            for entry in args.compare:
+                method, extra = bench_step.parse_entry(entry)
+                training_parser(bench_step.method_preset(method)[0]).parse_args(train_argv + extra)
+        else:
+            module = bench_encoder if script.endswith("bench_encoder.py") else bench_inference
+            module.build_parser().parse_args(argv)
+    bad = subprocess.run(["bash", str(BENCH_DIR / "gpu_check.sh"), "--bogus"], env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == 2 and "unknown argument '--bogus'" in bad.stderr
+
+
+def test_script_runs_from_code_dir():
+    # bench_step.py already runs as a script in its workers; the other two share its header
+    proc = subprocess.run([sys.executable, "benchmarks/bench_encoder.py", "--help"], cwd=str(BENCH_DIR.parent),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "fast vs reference" in proc.stdout, proc.stderr
