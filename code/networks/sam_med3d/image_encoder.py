@@ -16,9 +16,10 @@ Two official quirks are kept because real checkpoints were trained with them (fi
   values equal to the qkv bias.
 
 Every ``Attention`` has ``attn_impl``: ``'reference'`` is the official computation over full padded
-windows; ``'fast'`` (default) computes only the real query rows, fills the padding q/k/v with the bias,
-and calls ``scaled_dot_product_attention`` with the rel-pos terms as a float mask: same math, fewer
-FLOPs (vit_b_ori: 512 instead of 2744 query rows per windowed block).
+windows; ``'fast'`` (default) computes only the real query rows, folds all padding keys of a window
+(identical k and v = the bias) into one extra key whose logit bias is the log-sum-exp of their rel-pos
+terms, and calls ``scaled_dot_product_attention`` with the rel-pos terms as a float mask: same math, fewer
+FLOPs (vit_b_ori: 512 query rows x 513 keys instead of 2744 x 2744 per windowed block).
 """
 from __future__ import annotations
 
@@ -244,17 +245,27 @@ class Attention(nn.Module):
         # real extent per axis form a box of windows; each box is one batched SDPA call.
         for (d0, d1, ed), (h0, h1, eh), (w0, w1, ew) in _window_boxes((D, H, W), n, nwin):
             qb = q[:, d0:d1, h0:h1, w0:w1]                    # (B, a, b, e, nh, n, n, n, c)
+            kb, vb = k[:, d0:d1, h0:h1, w0:w1], v[:, d0:d1, h0:h1, w0:w1]
             lead = qb.shape[:5]
+            m = ed * eh * ew
             q_real = qb[..., :ed, :eh, :ew, :]                # real query rows only
+            k_keys = kb[..., :ed, :eh, :ew, :].reshape(-1, nh, m, c)
+            v_keys = vb[..., :ed, :eh, :ew, :].reshape(-1, nh, m, c)
+            padded = m < n ** 3
+            if padded:
+                # Every padding key / value is the qkv bias: they are folded into one extra key (the corner
+                # token, which is padding) whose logit bias is log sum_pad exp(rel-pos bias).
+                k_keys = torch.cat([k_keys, kb[..., n - 1, n - 1, n - 1, :].reshape(-1, nh, 1, c)], dim=2)
+                v_keys = torch.cat([v_keys, vb[..., n - 1, n - 1, n - 1, :].reshape(-1, nh, 1, c)], dim=2)
             mask = None
             if self.use_rel_pos:
                 mask = self._rel_pos_mask(q_real, qb[..., :ed, :eh, :, :], Rd[:ed], Rh[:eh], Rw)
-                mask = mask.reshape(-1, nh, ed * eh * ew, n ** 3)
+                mask = mask.reshape(-1, nh, m, m + padded)
+            elif padded:
+                mask = q_real.new_zeros((1, m + 1))
+                mask[:, -1] = math.log(n ** 3 - m)
             o = F.scaled_dot_product_attention(
-                q_real.reshape(-1, nh, ed * eh * ew, c),
-                k[:, d0:d1, h0:h1, w0:w1].reshape(-1, nh, n ** 3, c),
-                v[:, d0:d1, h0:h1, w0:w1].reshape(-1, nh, n ** 3, c),
-                attn_mask=mask, scale=self.scale)
+                q_real.reshape(-1, nh, m, c), k_keys, v_keys, attn_mask=mask, scale=self.scale)
             o = o.view(*lead, ed, eh, ew, c).permute(0, 1, 5, 2, 6, 3, 7, 4, 8)
             out[:, d0 * n:d0 * n + (d1 - d0) * ed, h0 * n:h0 * n + (h1 - h0) * eh,
                 w0 * n:w0 * n + (w1 - w0) * ew] = o.reshape(B, (d1 - d0) * ed, (h1 - h0) * eh, (w1 - w0) * ew, E)
@@ -263,21 +274,54 @@ class Attention(nn.Module):
     @staticmethod
     def _rel_pos_mask(q_real: torch.Tensor, q_rows: torch.Tensor, Rd: torch.Tensor, Rh: torch.Tensor,
                       Rw: torch.Tensor) -> torch.Tensor:
-        """Additive logit bias of the real query rows (official broadcast, module doc).
+        """Additive logit bias of the real query rows over the real keys and the folded padding key.
+
+        With the official broadcast (module doc) the bias of query (d, h, w) and key (kd, kh, kw) is
+        ``a[w, kw] + b[kd, kw] + c[kh, kw]`` (all at the query's d, h), so for every kw the padding keys'
+        ``sum exp(bias)`` factorises into per-axis sums. The padding keys of a window with real extent
+        (ed, eh, ew) form the disjoint boxes {kd >= ed} u {kd < ed, kh >= eh} u {kd < ed, kh < eh,
+        kw >= ew}; each is summed in log space (logsumexp), so nothing is subtracted and nothing overflows.
 
         Args:
             q_real: ``(..., ed, eh, ew, c)`` real queries; q_rows: ``(..., ed, eh, n, c)`` the same rows over
             the whole window w axis (padding included), which the h / w terms read at w' = kd / kh.
             Rd ``(ed, n, c)``, Rh ``(eh, n, c)``, Rw ``(n, n, c)``.
         Returns:
-            ``(..., ed, eh, ew, n, n, n)`` over keys (kd, kh, kw), in q's dtype. Summed in float32, so
-            reduced-precision runs round once instead of three times.
+            ``(..., ed, eh, ew, m [+ 1])``: the m = ed*eh*ew real keys (kd, kh, kw) row-major, then the
+            folded padding key's ``log sum_pad exp(bias)`` when the window is padded; in q's dtype.
+            Computed in float32 (float64 stays float64), so reduced-precision runs round once.
         """
+        ed, eh, ew = q_real.shape[-4:-1]
+        n = q_rows.shape[-2]
+        acc = torch.promote_types(q_real.dtype, torch.float32)
         with torch.autocast(q_real.device.type, enabled=False):
-            rel_d = torch.einsum("...dhwc,dkc->...dhwk", q_real.float(), Rd.float())
-            rel_h = torch.einsum("...dhwc,hkc->...dhwk", q_rows.float(), Rh.float())
-            rel_w = torch.einsum("...dhwc,wkc->...dhwk", q_rows.float(), Rw.float())
-            mask = rel_d[..., None, None, :] + rel_h[..., None, :, None, :] + rel_w[..., None, None, :, :]
+            rel_d = torch.einsum("...dhwc,dkc->...dhwk", q_real.to(acc), Rd.to(acc))  # a: (..., ed, eh, ew, kw)
+            rel_h = torch.einsum("...dhwc,hkc->...dhwk", q_rows.to(acc), Rh.to(acc))  # b: (..., ed, eh, kd, kw)
+            rel_w = torch.einsum("...dhwc,wkc->...dhwk", q_rows.to(acc), Rw.to(acc))  # c: (..., ed, eh, kh, kw)
+            mask = (rel_d[..., None, None, :ew] + rel_h[..., None, :ed, None, :ew]
+                    + rel_w[..., None, None, :eh, :ew]).flatten(-3)
+            if (ed, eh, ew) == (n, n, n):
+                return mask.to(q_real.dtype)
+            # log sums over kd (b) / kh (c) ranges per kw, (..., ed, eh, 1, n): the same for every query w
+            b_lo = rel_h[..., :ed, :].logsumexp(-2, keepdim=True)
+            c_lo = rel_w[..., :eh, :].logsumexp(-2, keepdim=True)
+            b_all, c_all, pairs = b_lo, c_lo, []      # pairs: padding (kd, kh) sets at a real kw
+            if eh < n:
+                c_hi = rel_w[..., eh:, :].logsumexp(-2, keepdim=True)
+                c_all = torch.logaddexp(c_lo, c_hi)
+                pairs.append(b_lo + c_hi)
+            if ed < n:
+                b_hi = rel_h[..., ed:, :].logsumexp(-2, keepdim=True)
+                b_all = torch.logaddexp(b_lo, b_hi)
+                pairs.append(b_hi + c_all)
+            terms = []                                # (..., ed, eh, ew, k) log terms over kw
+            if pairs:
+                at_real_kw = pairs[0] if len(pairs) == 1 else torch.logaddexp(pairs[0], pairs[1])
+                terms.append(rel_d[..., :ew] + at_real_kw[..., :ew])
+            if ew < n:                                # every (kd, kh) is padding at kw >= ew
+                terms.append(rel_d[..., ew:] + (b_all + c_all)[..., ew:])
+            fold = torch.cat(terms, dim=-1).logsumexp(-1, keepdim=True)
+            mask = torch.cat([mask, fold], dim=-1)
         return mask.to(q_real.dtype)
 
 
