@@ -26,7 +26,7 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 def _env_dir(var: str, must_contain: list[str]) -> Path:
     value = os.environ.get(var)
     if not value:
-        pytest.skip(f"{var} is not set; point it at the folder to run this test")
+        pytest.skip(f"environment variable {var} is not set; point it at the folder to run this test")
     path = Path(value)
     missing = [m for m in must_contain if not (path / m).exists()]
     if missing:
