@@ -31,7 +31,7 @@ Size3 = Tuple[int, int, int]
 
 
 class PatchConv3d(nn.Conv3d):
-    """The mask prompt's first convolution (1 input channel, kernel = stride = 2) with a fixed rounding order.
+    """The mask prompt's stride-2 convolutions with a fixed rounding order when they have 1 input channel.
 
     Same parameters and math as ``nn.Conv3d``; in float32 the 8 taps are accumulated one by one in kernel
     order with a fused multiply-add each (exact product, one rounding per tap), then the bias is added.
@@ -39,7 +39,9 @@ class PatchConv3d(nn.Conv3d):
     below its eps, where it magnifies the last bit of this convolution about a thousandfold; the library
     convolution's accumulation order differs between CPUs, so the dense mask embedding would differ by up
     to ~4e-5 between machines. With this order the golden fixture (made with the official code) is
-    reproduced to 5e-7 on any machine. Other dtypes (bf16 autocast) use the library convolution.
+    reproduced to 5e-7 on any machine. The second convolution has 1 input channel too when
+    ``mask_in_chans == 4``. Several input channels or other dtypes (bf16 autocast) use the library
+    convolution.
 
     Shapes: ``(B, 1, 2a, 2b, 2c) -> (B, C_out, a, b, c)``.
     """
@@ -128,7 +130,7 @@ class PromptEncoder3D(nn.Module):
             PatchConv3d(1, mask_in_chans // 4, kernel_size=2, stride=2),
             LayerNorm3d(mask_in_chans // 4),
             activation(),
-            nn.Conv3d(mask_in_chans // 4, mask_in_chans, kernel_size=2, stride=2),
+            PatchConv3d(mask_in_chans // 4, mask_in_chans, kernel_size=2, stride=2),
             LayerNorm3d(mask_in_chans),
             activation(),
             nn.Conv3d(mask_in_chans, embed_dim, kernel_size=1),
