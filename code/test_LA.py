@@ -78,7 +78,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--stride_xy", type=int, default=STRIDE_XY)
     p.add_argument("--stride_z", type=int, default=STRIDE_Z)
     p.add_argument("--no_post", dest="post_process", action="store_false", default=POST_PROCESS,
-                   help="skip largest-connected-component post-processing")
+                   help="turn off the largest-connected-component post-processing (post_process=%(default)s)")
     p.add_argument("--no_save_nii", dest="save_nii", action="store_false", default=SAVE_NII)
     p.add_argument("--out_dir", default=OUT_DIR)
     p.add_argument("--device", default=DEVICE, help="cpu, cuda or cuda:N")
