@@ -287,16 +287,14 @@ def random_sam(arch: str = "vit_b_ori", seed: int = 0) -> torch.nn.Module:
     Random weights time exactly like trained ones (same shapes, same kernels); the pseudo-labels they
     produce are meaningless, which the reports say.
     """
-    from networks.sam_med3d import build_sam3d_from_config, sam_model_registry3D
+    from networks.sam_med3d import GeneralistCheckpointError, arch_to_config, build_sam3d_from_config
     torch.manual_seed(seed)
-    if arch in sam_model_registry3D:
-        model = sam_model_registry3D[arch]()
-    else:
-        path = Path(arch)
-        if not path.is_file():
-            raise BenchmarkError(f"generalist arch {arch!r} is neither a registry name "
-                                 f"({sorted(sam_model_registry3D)}) nor a JSON config file")
-        model = build_sam3d_from_config(json.loads(path.read_text()))
+    try:
+        config = arch_to_config(arch)
+    except GeneralistCheckpointError as err:
+        raise BenchmarkError(f"generalist arch {arch!r} is neither a registry name nor a JSON config file: "
+                             f"{err}") from None
+    model = build_sam3d_from_config(config)
     randomize_zero_init(model, seed)
     return model.eval().requires_grad_(False)
 

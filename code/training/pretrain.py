@@ -146,20 +146,16 @@ def _check_settings(cfg: PretrainConfig) -> None:
 
 def resolve_arch(arch: str, arch_config: str | None = None) -> dict:
     """The architecture config dict: from the JSON file ``arch_config`` if given, else the registry's ``arch``."""
-    if arch_config:
-        path = Path(arch_config)
-        if not path.is_file():
-            raise PretrainError(f"architecture config {path} not found (expected a JSON file in the "
-                                "golden-fixture config format)")
-        try:
-            config = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise PretrainError(f"architecture config {path} is not valid JSON: {err}") from None
-        if not isinstance(config, dict):
-            raise PretrainError(f"architecture config {path} holds a {type(config).__name__}, expected an object")
-        return config
-    from networks.sam_med3d import sam3d_config
-    return sam3d_config(arch)
+    from networks.sam_med3d import GeneralistCheckpointError, arch_to_config, sam3d_config
+    if not arch_config:
+        return sam3d_config(arch)            # KeyError naming the known entries
+    if not Path(arch_config).is_file():
+        raise PretrainError(f"architecture config {arch_config} not found (expected a JSON file in the "
+                            "golden-fixture config format)")
+    try:
+        return arch_to_config(arch_config)
+    except GeneralistCheckpointError as err:
+        raise PretrainError(str(err)) from None
 
 
 def build_model(config: dict, seed: int, init: str | None = None, device: str = "cpu") -> torch.nn.Module:
