@@ -141,3 +141,32 @@ def test_shape_errors_and_accumulation():
     assert coords[:, 1].eq(1).all() and coords[:, 0].eq(0).all()
     with pytest.raises(ValueError, match="batch size 1"):
         accumulate_clicks((coords, labels), c1[:1], l1[:1])
+
+
+@pytest.mark.parametrize("block", [7, 64, 4096])
+def test_two_level_kth_true_voxel_matches_a_plain_scan(monkeypatch, block):
+    # the random click picks the k-th error voxel in C order; the two-level search must agree with a
+    # scan of all voxels for every k, across block boundaries and with a partial last block
+    import utils.clicks as clicks
+    monkeypatch.setattr(clicks, "_BLOCK", block)
+    g = torch.Generator().manual_seed(block)
+    n = 3 * block + 5
+    pool = torch.rand(3, n, generator=g) < torch.tensor([[0.02], [0.5], [0.97]])
+    pool[0, -1] = True  # a True voxel in the partial last block
+    for row in range(3):
+        expected = torch.nonzero(pool[row]).squeeze(1)
+        ks = torch.arange(expected.numel())
+        got = clicks._kth_true(pool[row].expand(ks.numel(), n).contiguous(), ks)
+        assert torch.equal(got, expected)
+
+
+def test_random_clicks_depend_only_on_the_error_voxels_not_on_the_volume_around_them():
+    # the generalist decides clicks on the patch region only; error voxels, their C order and the
+    # generator's draws are the same, so cropping the volume just shifts the clicks
+    target = _box((2, 2, 2), (6, 9, 5))[None]
+    pred = _box((4, 4, 4), (8, 7, 6))[None]
+    big_target, big_pred = (torch.nn.functional.pad(m, (3, 2, 1, 4, 5, 0)) for m in (target, pred))
+    for k in range(3):
+        small = next_clicks(pred, target, k, _gen(k))
+        big = next_clicks(big_pred, big_target, k, _gen(k))
+        assert torch.equal(small[0] + torch.tensor([5, 1, 3]), big[0]) and torch.equal(small[1], big[1])

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from networks.sam_med3d import build_sam3d_from_config
-from utils.generalist import GeneralistBranch, pseudo_label, sam_znorm
+from utils.generalist import GeneralistBranch, _upsample_box, pseudo_label, sam_znorm
 
 PATCH = (24, 24, 16)
 S, LOW = 32, 16
@@ -397,3 +397,34 @@ def test_bad_inputs_raise_clear_errors(sam):
         GeneralistBranch(sam)(images, prob * 4 - 2)
     with pytest.raises(ValueError, match=r"images must be \(B, 1, X, Y, Z\)"):
         GeneralistBranch(sam)(images[:, 0], prob)
+
+
+@pytest.mark.parametrize("size, low_size", [(128, 32), (32, 16), (30, 10)])
+def test_upsampling_inside_a_box_equals_cropping_the_full_upsampling_bitwise(size, low_size):
+    # the clicks only need SAM's logits inside the patch box: same values, bit for bit, as before
+    low = torch.randn(2, 1, low_size, low_size, low_size, generator=torch.Generator().manual_seed(size))
+    full = F.interpolate(low, size=(size,) * 3, mode="trilinear", align_corners=False)[:, 0]
+    g = torch.Generator().manual_seed(1)
+    boxes = [(slice(0, size),) * 3, (slice(0, 5), slice(size - 7, size), slice(1, size - 1))]
+    for _ in range(6):
+        ends = [sorted(torch.randint(0, size + 1, (2,), generator=g).tolist()) for _ in range(3)]
+        boxes.append(tuple(slice(a, max(b, a + 1)) for a, b in ends))
+    for box in boxes:
+        assert torch.equal(_upsample_box(low, size, box), full[(slice(None),) + box]), box
+
+
+def test_pad_geometry_clicks_stay_inside_the_patch_even_for_an_empty_specialist(sam):
+    # nothing to click on: the negative click lands inside the patch, not in SAM's padding
+    seen = []
+    h = sam.prompt_encoder.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(kwargs["points"]), with_kwargs=True)
+    try:
+        images, prob = _inputs()
+        prob[1] = 0.0
+        GeneralistBranch(sam, prompt="point", num_clicks=6)(images, prob)
+    finally:
+        h.remove()
+    coords, labels = seen[-1]
+    lo, hi = torch.tensor([4, 4, 8]), torch.tensor([28, 28, 24])  # patch 24 x 24 x 16 centred in 32^3
+    assert ((coords >= lo) & (coords < hi)).all()
+    assert labels[1].eq(0).all()  # an empty specialist target only ever gets negative clicks

@@ -12,7 +12,8 @@ target foreground: positive click, label 1) and the false positives ``pred & ~ta
   only and reused its click region for the whole batch).
 * Later clicks: a uniformly random voxel of the union of error voxels, drawn from ``generator``.
 * No error at all (SAM already equals the target): a random voxel of the target with label 1 if the
-  target is non-empty (it confirms the foreground), otherwise a random voxel of the volume with label 0.
+  target is non-empty (it confirms the foreground), otherwise a random voxel of the volume given with
+  label 0 (the generalist branch passes only the patch region, so such a click never lands in padding).
 
 The label is always read at the clicked voxel itself (official defect 2 read it one axis off, so
 nearly every click became negative).
@@ -66,14 +67,33 @@ def _deepest_voxel_of_largest_region(fn: np.ndarray, fp: np.ndarray) -> tuple[in
     return tuple(int(sl.start + i) for sl, i in zip(box, local))
 
 
+_BLOCK = 4096  # voxels per block of the two-level search in _kth_true
+
+
+def _kth_true(pool: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Flat index of the k-th (0-based, C order) True voxel of each row of ``pool`` (B, N); k (B,) int64,
+    k < the row's count. Two levels (counts per block of ``_BLOCK`` voxels, then one block) instead of a
+    cumulative sum over all N voxels: that int64 cumsum was the costliest part of a click."""
+    batch, n = pool.shape
+    blocks = -(-n // _BLOCK)
+    if blocks * _BLOCK != n:
+        pool = torch.cat([pool, pool.new_zeros(batch, blocks * _BLOCK - n)], dim=1)
+    pool = pool.view(batch, blocks, _BLOCK)
+    cumulative = pool.sum(dim=2).cumsum(dim=1)  # (B, blocks)
+    block = torch.searchsorted(cumulative, (k + 1).unsqueeze(1)).squeeze(1)
+    before = torch.where(block > 0, cumulative.gather(1, (block - 1).clamp(min=0).unsqueeze(1)).squeeze(1), 0)
+    rows = pool[torch.arange(batch, device=pool.device), block]  # (B, _BLOCK)
+    inner = torch.searchsorted(rows.cumsum(dim=1), (k - before + 1).unsqueeze(1)).squeeze(1)
+    return block * _BLOCK + inner
+
+
 def _random_voxel(pool: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Uniformly random flat index of a True voxel of each row of ``pool`` (B, N); every row non-empty."""
     counts = pool.sum(dim=1)
     u = torch.rand(pool.shape[0], generator=generator, dtype=torch.float64,
                    device=generator.device).to(pool.device)
     k = torch.minimum((u * counts).long(), counts - 1)  # k-th True voxel, 0-based
-    cumulative = pool.cumsum(dim=1)
-    return torch.searchsorted(cumulative, (k + 1).unsqueeze(1)).squeeze(1)
+    return _kth_true(pool, k)
 
 
 @torch.no_grad()
@@ -96,16 +116,20 @@ def next_clicks(pred: torch.Tensor, target: torch.Tensor, click_index: int,
     _check_masks(pred, target)
     pred, target = pred.bool(), target.bool()
     batch, shape = pred.shape[0], pred.shape[1:]
-    fn = target & ~pred
-    fp = pred & ~target
-    error = (fn | fp).flatten(1)
+    pred_flat, target_flat = pred.flatten(1), target.flatten(1)
+    error = pred_flat ^ target_flat
     has_error = error.any(dim=1)
-
-    tgt = target.flatten(1)
-    fallback = torch.where(tgt.any(dim=1, keepdim=True), tgt, torch.ones_like(tgt))
-    pool = torch.where(has_error.unsqueeze(1), error, fallback)  # where random clicks may land
+    if bool(has_error.all()):
+        pool = error  # where random clicks may land
+        no_error_positive = torch.zeros_like(has_error)
+    else:
+        target_any = target_flat.any(dim=1, keepdim=True)
+        fallback = torch.where(target_any, target_flat, torch.ones_like(target_flat))
+        pool = torch.where(has_error.unsqueeze(1), error, fallback)
+        # without any error the click confirms the target (positive) or marks background (negative)
+        no_error_positive = ~has_error & target_any.squeeze(1)
     if click_index < edt_clicks:
-        fn_np, fp_np = fn.cpu().numpy(), fp.cpu().numpy()
+        fn_np, fp_np = (target & ~pred).cpu().numpy(), (pred & ~target).cpu().numpy()
         deepest = [_deepest_voxel_of_largest_region(fn_np[b], fp_np[b]) for b in range(batch)]
         flat = torch.tensor([int(np.ravel_multi_index(v, tuple(shape))) if v is not None else -1
                              for v in deepest], dtype=torch.long).to(pred.device)
@@ -114,10 +138,9 @@ def next_clicks(pred: torch.Tensor, target: torch.Tensor, click_index: int,
     else:
         flat = _random_voxel(pool, generator)
 
-    at_click = fn.flatten(1).gather(1, flat.unsqueeze(1)).squeeze(1)
-    # without any error the click confirms the target (positive) or marks background (negative)
-    no_error_positive = ~has_error & target.flatten(1).any(dim=1)
-    labels = (at_click | no_error_positive).long().unsqueeze(1)
+    at = flat.unsqueeze(1)
+    false_negative_at_click = (target_flat.gather(1, at) & ~pred_flat.gather(1, at)).squeeze(1)
+    labels = (false_negative_at_click | no_error_positive).long().unsqueeze(1)
     coords = torch.stack(torch.unravel_index(flat, tuple(shape)), dim=1).unsqueeze(1)
     return coords.long(), labels
 

@@ -25,8 +25,9 @@ Pipeline for a batch of B patches (B, 1, X, Y, Z):
      and the previous low-res logits are the mask prompt (zeros of size (4g)^3 at the first click, as
      SemiSAM's interpolated zero mask). SAM's current mask for the next click is ``logits > 0``
      restricted to the patch region (with 'pad', SAM's output in the padding is no error, so
-     corrective clicks stay inside the patch). Click 1 is made against an empty mask, so it depends
-     only on the specialist and is computed once per call and shared by all models.
+     corrective clicks stay inside the patch; the masks are therefore only computed there, SAM's
+     logits upsampled inside the patch box only). Click 1 is made against an empty mask, so it
+     depends only on the specialist and is computed once per call and shared by all models.
    * ``'mask'``: the specialist probability resized trilinearly to (4g)^3 is the only prompt
      (points=None). SemiSAM+ feeds this probability map, so we do too, although SAM's iterative use
      feeds logits through the same input.
@@ -79,8 +80,34 @@ def sam_znorm(images: torch.Tensor) -> torch.Tensor:
     return (x - mean.float().view(shape)) / std.float().view(shape)
 
 
+def _upsample_box(low: torch.Tensor, size: int, box: tuple[slice, slice, slice]) -> torch.Tensor:
+    """Trilinear (align_corners=False) upsampling of low (B, 1, L, L, L) to size^3, evaluated only
+    inside ``box`` -> (B, *box shape).
+
+    Bitwise equal to upsampling the whole cube and cropping when size / L is a power of two: the
+    sub-volume low[lo:hi] (one low-res voxel of margin around the box, so no output inside the box
+    is clamped at the sub-volume's border) upsampled by the same factor uses the same source
+    coordinates and weights, all exact in binary floating point. Otherwise the whole cube is computed.
+    """
+    n = low.shape[-1]
+    ratio = size // n
+    if size % n or ratio & (ratio - 1):
+        return F.interpolate(low, size=(size,) * 3, mode="trilinear", align_corners=False)[(slice(None), 0) + box]
+    lo = [max(0, b.start // ratio - 1) for b in box]
+    hi = [min(n, -(-b.stop // ratio) + 1) for b in box]
+    sub = low[(slice(None), slice(None)) + tuple(slice(a, b) for a, b in zip(lo, hi))]
+    up = F.interpolate(sub, size=tuple((b - a) * ratio for a, b in zip(lo, hi)), mode="trilinear",
+                       align_corners=False)[:, 0]
+    return up[(slice(None),) + tuple(slice(b.start - a * ratio, b.stop - a * ratio) for b, a in zip(box, lo))]
+
+
 class _Geometry:
-    """Maps a patch (X, Y, Z) into SAM's S^3 input and SAM's logits back to the patch."""
+    """Maps a patch (X, Y, Z) into SAM's S^3 input and SAM's logits back to the patch.
+
+    ``region``: the part of SAM's cube where clicks are decided, as slices: the patch crop for 'pad'
+    (the specialist target is empty and SAM's output is no error in the padding, so no click can land
+    outside it), the whole cube for 'resample'. Masks for the clicks are computed on the region only.
+    """
 
     def __init__(self, patch_shape: Sequence[int], img_size: int, mode: str):
         self.patch_shape = tuple(int(n) for n in patch_shape)
@@ -91,15 +118,10 @@ class _Geometry:
                 raise ValueError(f"geometry='pad': patch {self.patch_shape} does not fit SAM's "
                                  f"{self.size}^3 input; use geometry='resample' or a smaller patch")
             before = [(self.size - n) // 2 for n in self.patch_shape]
-            self.crop = tuple(slice(b, b + n) for b, n in zip(before, self.patch_shape))
-
-    def valid(self, device) -> torch.Tensor | None:
-        """(1, S, S, S) bool mask of the patch region in SAM space; None when it is the whole cube."""
-        if self.mode != "pad":
-            return None
-        v = torch.zeros((1,) + (self.size,) * 3, dtype=torch.bool, device=device)
-        v[(slice(None),) + self.crop] = True
-        return v
+            self.region = tuple(slice(b, b + n) for b, n in zip(before, self.patch_shape))
+        else:
+            self.region = (slice(0, self.size),) * 3
+        self.offset = tuple(sl.start for sl in self.region)
 
     def to_sam(self, vol: torch.Tensor, fill: torch.Tensor | float) -> torch.Tensor:
         """vol (B, C, X, Y, Z) -> (B, C, S, S, S); fill: padding value, scalar or per sample (B,)."""
@@ -108,20 +130,24 @@ class _Geometry:
             return F.interpolate(vol, size=cube, mode="trilinear", align_corners=False)
         fill = torch.as_tensor(fill, dtype=vol.dtype, device=vol.device).reshape(-1, 1, 1, 1, 1)
         out = fill.expand(vol.shape[0], vol.shape[1], *cube).clone()
-        out[(slice(None), slice(None)) + self.crop] = vol
+        out[(slice(None), slice(None)) + self.region] = vol
         return out
 
-    def logits_to_sam(self, low: torch.Tensor) -> torch.Tensor:
-        """low-res logits (B, 1, L, L, L) -> (B, S, S, S)."""
-        return F.interpolate(low, size=(self.size,) * 3, mode="trilinear", align_corners=False)[:, 0]
+    def region_target(self, prob: torch.Tensor) -> torch.Tensor:
+        """specialist probability (B, X, Y, Z) -> its foreground (B, *region shape) bool in SAM space."""
+        if self.mode == "pad":
+            return prob.float() > 0.5
+        return self.to_sam(prob.float().unsqueeze(1), 0.0)[:, 0] > 0.5
 
-    def logits_to_patch(self, low: torch.Tensor, sam_logits: torch.Tensor | None = None) -> torch.Tensor:
-        """low-res logits (B, 1, L, L, L) -> (B, X, Y, Z); ``sam_logits`` reuses logits_to_sam(low)."""
+    def region_logits(self, low: torch.Tensor) -> torch.Tensor:
+        """low-res logits (B, 1, L, L, L) -> SAM's full-size logits inside the region (B, *region shape)."""
+        return _upsample_box(low, self.size, self.region)
+
+    def logits_to_patch(self, low: torch.Tensor, region_logits: torch.Tensor | None = None) -> torch.Tensor:
+        """low-res logits (B, 1, L, L, L) -> (B, X, Y, Z); 'pad' reuses ``region_logits`` when given."""
         if self.mode == "resample":
             return F.interpolate(low, size=self.patch_shape, mode="trilinear", align_corners=False)[:, 0]
-        if sam_logits is None:
-            sam_logits = self.logits_to_sam(low)
-        return sam_logits[(slice(None),) + self.crop]
+        return region_logits if region_logits is not None else self.region_logits(low)
 
 
 def _combine(logits: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -208,9 +234,10 @@ class GeneralistBranch:
     def _point_run(self, model, emb, pe, target, first_click, geom: _Geometry, low_size: int,
                    record: Sequence[int], counts: torch.Tensor) -> list[torch.Tensor]:
         """Iterative clicks; returns the patch logits (B, X, Y, Z) after each click in ``record``.
-        ``first_click``: (coords (B, 1, 3), labels (B, 1)) of click 1, made against an empty mask."""
+        ``target``: (B, *region shape) bool; ``first_click``: (coords (B, 1, 3) in the region, labels
+        (B, 1)) of click 1, made against an empty mask."""
         batch = emb.shape[0]
-        valid = geom.valid(emb.device)
+        offset = torch.tensor(geom.offset, dtype=torch.long, device=emb.device)
         low = torch.zeros((batch, 1) + (low_size,) * 3, device=emb.device)
         pred = torch.zeros_like(target)
         history = None
@@ -220,14 +247,12 @@ class GeneralistBranch:
                                                                      self.edt_clicks)
             counts[0] += labels.sum()
             counts[1] += (1 - labels).sum()
-            history = accumulate_clicks(history, coords, labels)
+            history = accumulate_clicks(history, coords + offset, labels)
             low = self._decode(model, emb, pe, history, low)
-            sam_logits = geom.logits_to_sam(low)
-            pred = sam_logits > 0
-            if valid is not None:
-                pred &= valid
+            logits = geom.region_logits(low)
+            pred = logits > 0
             if k + 1 in record:
-                recorded.append(geom.logits_to_patch(low, sam_logits))
+                recorded.append(geom.logits_to_patch(low, logits))
         return recorded
 
     # -- public ---------------------------------------------------------------------------------
@@ -272,20 +297,20 @@ class GeneralistBranch:
         for model in self.models:
             geom = _Geometry(patch_shape, int(model.img_size), self.geometry)
             sam_image = geom.to_sam(normed, pad_value)
-            sam_prob = geom.to_sam(prob.float().unsqueeze(1), 0.0)
             with self._autocast(images.device):
                 emb = model.image_encoder(sam_image)
             emb = emb.float()
             pe = model.prompt_encoder.get_dense_pe()
             low_size = 4 * emb.shape[-1]
             if self.prompt in ("point", "unc"):
-                target = sam_prob[:, 0] > 0.5
-                if geom.size not in first_clicks:
+                target = geom.region_target(prob)
+                if geom.size not in first_clicks:  # same size, same region
                     first_clicks[geom.size] = next_clicks(torch.zeros_like(target), target, 0,
                                                           self.generator, self.edt_clicks)
                 variants += self._point_run(model, emb, pe, target, first_clicks[geom.size], geom,
                                             low_size, record, counts)
             if self.prompt in ("mask", "unc"):
+                sam_prob = geom.to_sam(prob.float().unsqueeze(1), 0.0)
                 mask_prompt = F.interpolate(sam_prob, size=(low_size,) * 3, mode="trilinear",
                                             align_corners=False)
                 variants.append(geom.logits_to_patch(self._decode(model, emb, pe, None, mask_prompt)))
