@@ -212,8 +212,8 @@ def run_config(spec: dict) -> dict:
         "label": spec["label"], "method": spec["method"],
         "settings": {k: cfg.to_dict()[k] for k in (
             "patch_size", "batch_size", "labeled_bs", "n_filters", "specialist", "generalist_term", "prompt",
-            "num_clicks", "generalist_arch", "geometry", "uamt_passes", "amp", "channels_last", "deterministic",
-            "num_workers", "cache", "labeled_num", "tune_malloc")},
+            "num_clicks", "generalist_arch", "geometry", "uamt_passes", "uamt_reuse_target", "amp", "channels_last",
+            "checkpoint_levels", "deterministic", "num_workers", "cache", "labeled_num", "tune_malloc")},
         "generalist_weights": spec["generalist_weights"],
         "device": str(device), "threads": threads, "build_s": build_s,
         "per_step": records, "memory": memory,
@@ -241,8 +241,8 @@ def summarize(rounds: list[dict]) -> dict:
     return out
 
 
-COMPARABLE = ("patch_size", "batch_size", "labeled_bs", "n_filters", "amp", "channels_last", "num_workers", "cache",
-              "tune_malloc")
+COMPARABLE = ("patch_size", "batch_size", "labeled_bs", "n_filters", "amp", "channels_last", "checkpoint_levels",
+              "num_workers", "cache", "tune_malloc")
 
 
 def _comparable(result: dict, base: dict) -> bool:
@@ -273,8 +273,9 @@ def within_process_ratio(result: dict, base: dict, clock: str = "wall") -> Optio
 
 # ------------------------------------------------------------------------------------------ report
 def _settings_cell(s: dict) -> str:
+    layout = {None: "auto", True: "cl", False: "contig"}[s.get("channels_last")]
     return (f"{'x'.join(map(str, s['patch_size']))}, {s['batch_size']}/{s['labeled_bs']}, {s['n_filters']}, "
-            f"{s['amp']}")
+            f"{s['amp']}, {layout}, ckpt {s.get('checkpoint_levels', 0)}")
 
 
 def ratios(results: list[dict]) -> dict:
@@ -327,7 +328,7 @@ def summary_table(results: list[dict]) -> str:
         rows.append(["CUDA peak allocated"] + [C.fmt_gib(r["memory"].get("cuda_peak_allocated")) for r in results])
     rows += [
         ["load avg before/after"] + [_load_cell(r) for r in results],
-        ["patch, batch/labeled, filters, amp"] + [_settings_cell(r["settings"]) for r in results],
+        ["patch, batch/labeled, filters, amp, layout, ckpt levels"] + [_settings_cell(r["settings"]) for r in results],
         ["generalist weights"] + [r["generalist_weights"] for r in results],
     ]
     return C.markdown_table(header, rows)

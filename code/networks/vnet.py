@@ -23,11 +23,13 @@ it needs channel counts divisible by 16 (n_filters a multiple of 16).
 """
 from __future__ import annotations
 
+import contextlib
 import re
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 NORMALIZATIONS = ("batchnorm", "groupnorm", "instancenorm", "none")
 GROUPNORM_GROUPS = 16
@@ -140,14 +142,47 @@ class VNet(nn.Module):
         self.dropout = nn.Dropout3d(p=0.5, inplace=False)
         self.config = dict(n_channels=n_channels, n_classes=n_classes, n_filters=n_filters,
                            normalization=normalization, has_dropout=self.has_dropout)
+        self._checkpoint_levels = 0
+
+    # ------------------------------------------------------------------ activation checkpointing
+    @property
+    def checkpoint_levels(self) -> int:
+        """Resolution levels (0 = full, 1 = half, ...) whose blocks are recomputed in the backward pass
+        instead of keeping their activations (default 0: off). A runtime option, not part of the
+        architecture: no state-dict entry, same outputs and gradients, BatchNorm running statistics
+        updated once per forward as without it."""
+        return self._checkpoint_levels
+
+    @checkpoint_levels.setter
+    def checkpoint_levels(self, levels: int) -> None:
+        if not isinstance(levels, int) or not 0 <= levels <= 5:
+            raise ValueError(f"checkpoint_levels must be an int in 0..5, got {levels!r}")
+        self._checkpoint_levels = levels
+
+    def _block(self, level: int, fn: Callable[..., torch.Tensor], modules: list[nn.Module],
+               *inputs: torch.Tensor) -> torch.Tensor:
+        """fn(*inputs), recomputed in backward when ``level`` is checkpointed and autograd records."""
+        if level >= self._checkpoint_levels or not torch.is_grad_enabled():
+            return fn(*inputs)
+        first = [True]
+
+        def run(*xs):
+            if first[0]:
+                first[0] = False
+                return fn(*xs)
+            with _frozen_running_stats(modules):  # the recomputation must not update BatchNorm twice
+                return fn(*xs)
+        # the saved RNG state replays the same Dropout3d mask in the recomputation
+        return checkpoint(run, *inputs, use_reentrant=False, preserve_rng_state=True)
 
     def encoder(self, x: torch.Tensor, use_dropout: bool) -> list[torch.Tensor]:
         """(B, C, X, Y, Z) -> features [x1 (F, full), x2 (2F, /2), x3 (4F, /4), x4 (8F, /8), x5 (16F, /16)]."""
-        x1 = self.block_one(x)
-        x2 = self.block_two(self.block_one_dw(x1))
-        x3 = self.block_three(self.block_two_dw(x2))
-        x4 = self.block_four(self.block_three_dw(x3))
-        x5 = self.block_five(self.block_four_dw(x4))
+        b = self._block
+        x1 = b(0, self.block_one, [self.block_one], x)
+        x2 = b(1, self.block_two, [self.block_two], b(1, self.block_one_dw, [self.block_one_dw], x1))
+        x3 = b(2, self.block_three, [self.block_three], b(2, self.block_two_dw, [self.block_two_dw], x2))
+        x4 = b(3, self.block_four, [self.block_four], b(3, self.block_three_dw, [self.block_three_dw], x3))
+        x5 = b(4, self.block_five, [self.block_five], b(4, self.block_four_dw, [self.block_four_dw], x4))
         if use_dropout:
             x5 = self.dropout(x5)
         return [x1, x2, x3, x4, x5]
@@ -155,13 +190,12 @@ class VNet(nn.Module):
     def decoder(self, features: list[torch.Tensor], use_dropout: bool) -> torch.Tensor:
         """Encoder features -> logits (B, n_classes, X, Y, Z); skips are added, not concatenated."""
         x1, x2, x3, x4, x5 = features
-        x6 = self.block_six(self.block_five_up(x5) + x4)
-        x7 = self.block_seven(self.block_six_up(x6) + x3)
-        x8 = self.block_eight(self.block_seven_up(x7) + x2)
-        x9 = self.block_nine(self.block_eight_up(x8) + x1)
-        if use_dropout:
-            x9 = self.dropout(x9)
-        return self.out_conv(x9)
+        b = self._block
+        x6 = b(3, self.block_six, [self.block_six], b(3, self.block_five_up, [self.block_five_up], x5) + x4)
+        x7 = b(2, self.block_seven, [self.block_seven], b(2, self.block_six_up, [self.block_six_up], x6) + x3)
+        x8 = b(1, self.block_eight, [self.block_eight], b(1, self.block_seven_up, [self.block_seven_up], x7) + x2)
+        x9 = b(0, self.block_nine, [self.block_nine], b(0, self.block_eight_up, [self.block_eight_up], x8) + x1)
+        return b(0, lambda t: self.out_conv(self.dropout(t) if use_dropout else t), [], x9)
 
     def forward(self, x: torch.Tensor, turnoff_drop: bool = False) -> torch.Tensor:
         """x (B, n_channels, X, Y, Z), X/Y/Z divisible by 16 -> logits (B, n_classes, X, Y, Z).
@@ -172,6 +206,22 @@ class VNet(nn.Module):
         check_input_size(x.shape)
         use_dropout = self.has_dropout and not turnoff_drop
         return self.decoder(self.encoder(x, use_dropout), use_dropout)
+
+
+@contextlib.contextmanager
+def _frozen_running_stats(modules: list[nn.Module]):
+    """Restore the BatchNorm running statistics (and batch counters) of ``modules`` on exit."""
+    norms = [m for module in modules for m in module.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in norms]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, (mean, var, count) in zip(norms, saved):
+                m.running_mean.copy_(mean)
+                m.running_var.copy_(var)
+                m.num_batches_tracked.copy_(count)
 
 
 def check_input_size(shape) -> None:

@@ -159,6 +159,27 @@ def test_noisy_teacher_noise_and_batched_passes():
     teacher.mean_prob(x, passes=8, passes_per_forward=3)
     assert [s.shape[0] for s in seen] == [6, 6, 4]        # 3 + 3 + 2 passes of a batch of 2
     assert not torch.equal(seen[0][:2], seen[0][2:4])     # independent noise per pass
+    # a pass already made counts as one of the passes: 7 more, and it enters the mean with weight 1/8
+    seen.clear()
+    done = torch.zeros_like(exact)
+    mean = teacher.mean_prob(x, passes=8, passes_per_forward=3, done=done)
+    assert [s.shape[0] for s in seen] == [6, 6, 2]
+    again = sum(F.softmax(torch.cat([v, -v], 1), 1).view(-1, *x.shape[:1], *exact.shape[1:]).sum(0)
+                for v in seen)
+    assert torch.allclose(mean.clone(), again / 8, atol=1e-6)
+
+
+@pytest.mark.parametrize("reuse, forwards", [(True, [2, 4, 2]), (False, [2, 4, 4])])
+def test_uamt_target_pass_is_one_of_the_T_passes_unless_disabled(reuse, forwards):
+    # batch sizes of the teacher forwards for U = 2, T = 4, 2 passes per forward: the target pass (2), then
+    # the T - 1 = 3 remaining passes (4 + 2) with reuse, or all T = 4 passes (4 + 4) as UA-MT
+    cfg = TrainConfig(specialist="uamt", uamt_passes=4, uamt_reuse_target=reuse)
+    part = build_method(cfg).specialist
+    seen = []
+    teacher = NoisyTeacher(lambda v: (seen.append(v.shape[0]), torch.cat([v, -v], 1))[1])
+    p_s = torch.full((2, 2, 2, 2, 2), 0.5, requires_grad=True)
+    part(UnlabeledInputs(0, 6000, torch.zeros(2, 1, 2, 2, 2), p_s, teacher))
+    assert seen == forwards
 
 
 def test_uamt_part_uses_the_threshold_mask():

@@ -142,15 +142,17 @@ def test_missing_generalist_checkpoint_stops_before_training(setup, la_data_dir,
 
 
 def test_timed_sections_bf16_and_channels_last(setup, la_data_dir, tmp_path):
-    """A plugged timer sees every section; the bf16 autocast and channels_last_3d paths train finitely."""
+    """A plugged timer sees every section; the bf16 autocast, channels_last_3d and activation checkpointing
+    paths train finitely."""
     timer = SectionTimer()
     args = run_args(la_data_dir, setup["train_list"], tmp_path, "amp", "--amp", "bf16", "--channels_last", "1",
-                    iters=2) + sam_args(setup["sams"][:1], setup["cfg_json"])
+                    "--checkpoint_levels", "1", iters=2) + sam_args(setup["sams"][:1], setup["cfg_json"])
     trainer = main({"specialist": "uamt", "generalist_term": "semisam"}, args, timer=timer)
     assert set(timer.summary()) == set(SECTIONS)
     assert timer.counts["student_forward"] == 2 and timer.counts["uncertainty"] == 2
     assert all(math.isfinite(v) for v in trainer.last_result.values.values())
     assert trainer.student.block_one.conv[0].weight.is_contiguous(memory_format=torch.channels_last_3d)
+    assert trainer.student.checkpoint_levels == 1 and trainer.teacher.checkpoint_levels == 1
 
 
 def test_validation_selects_best_model(setup, la_root, la_data_dir, tmp_path):
@@ -181,6 +183,12 @@ def test_trainer_step_api_for_benchmarks(setup, la_data_dir, tmp_path):
     trainer = Trainer(cfg, timer=SectionTimer())
     batch = next(iter(trainer.make_loader()))
     assert batch["image"].shape == (4, 1, 32, 32, 16) and batch["labeled"].tolist() == [True, True, False, False]
+    # channels_last 'auto' on CPU: channels_last_3d student and teacher; '0' turns it off
+    assert cfg.channels_last is None and trainer.memory_format == torch.channels_last_3d
+    assert trainer.teacher.block_one.conv[0].weight.is_contiguous(memory_format=torch.channels_last_3d)
+    off = parse_config({"specialist": "uamt"}, run_args(la_data_dir, setup["train_list"], tmp_path, "api0") +
+                       ["--channels_last", "0"])
+    assert off.channels_last is False
     # unlabeled rows carry no label information at all
     assert batch["label"][2:].abs().sum() == 0
     before = trainer.student.out_conv.weight.detach().clone()

@@ -1,4 +1,5 @@
 """VNet: numerical match with the official UA-MT goldens, state-dict layout, config inference."""
+import copy
 import json
 import re
 
@@ -158,3 +159,36 @@ def test_channels_last_3d_gives_same_logits():
         net_cl = net.to(memory_format=torch.channels_last_3d)
         out = net_cl(x.to(memory_format=torch.channels_last_3d))
     torch.testing.assert_close(out, ref, **TOL)
+
+
+@pytest.mark.parametrize("levels", [1, 2, 5])
+def test_activation_checkpointing_gives_identical_outputs_gradients_and_running_stats(levels):
+    # recomputing blocks in backward must not change the maths, replay the same dropout masks, and must
+    # not update BatchNorm's running statistics a second time
+    torch.manual_seed(0)
+    plain = VNet(n_filters=4, has_dropout=True).train()
+    ck = copy.deepcopy(plain)
+    ck.checkpoint_levels = levels
+    x = torch.randn(2, 1, 32, 32, 16)
+    outs = []
+    for net in (plain, ck):
+        torch.manual_seed(1)
+        out = net(x)
+        (out.softmax(1)[:, 1] ** 2).mean().backward()
+        outs.append(out.detach())
+    assert torch.equal(outs[0], outs[1])
+    for (name, a), b in zip(plain.named_parameters(), ck.parameters()):
+        assert torch.equal(a.grad, b.grad), name
+    for (name, a), b in zip(plain.state_dict().items(), ck.state_dict().values()):
+        assert torch.equal(a, b), name   # running_mean / running_var / num_batches_tracked updated once
+    assert plain.block_one.conv[1].num_batches_tracked.item() == 1
+
+
+def test_activation_checkpointing_setting_is_validated_and_not_in_the_state_dict():
+    net = VNet(n_filters=4)
+    keys = list(net.state_dict())
+    net.checkpoint_levels = 2
+    assert list(net.state_dict()) == keys and net.checkpoint_levels == 2
+    for bad in (-1, 6, 1.5):
+        with pytest.raises(ValueError, match="checkpoint_levels"):
+            net.checkpoint_levels = bad

@@ -96,6 +96,10 @@ class TrainConfig:
     # UA-MT runs 2 passes per teacher forward; the teacher is in train mode, so its BatchNorm batch
     # statistics depend on this grouping. 0 batches all T passes into one forward (faster on GPUs).
     uamt_passes_per_forward: int = 2
+    # the single noisy teacher pass that gives the consistency target also counts as one of the T passes (T - 1
+    # extra passes): the same distribution (fresh noise and dropout, train-mode teacher). UA-MT ran it
+    # separately (False), i.e. T + 1 teacher passes per step.
+    uamt_reuse_target: bool = True
     # generalist
     generalist: list = field(default_factory=list)   # checkpoint paths; [] = no generalist
     generalist_arch: str = "vit_b_ori"                # registry name or JSON config file
@@ -107,7 +111,12 @@ class TrainConfig:
     # runtime
     device: str = "auto"
     amp: str = "none"
-    channels_last: bool = False
+    # None = auto: channels_last_3d on CPU, where oneDNN's 3D convolutions measured 1.3x faster for a training
+    # step (results/README.md); contiguous on CUDA until gpu_check.sh has measured it there
+    channels_last: Optional[bool] = None
+    # V-Net resolution levels recomputed in backward instead of stored (0 off; 1 full resolution; 2 also half):
+    # at 128^3, batch 4, fp32 on CPU the student's forward + backward peak went 7.4 -> 5.8 -> 4.7 GiB
+    checkpoint_levels: int = 0
     tune_malloc: bool = True                  # glibc: keep freed memory for reuse (training.run.tune_malloc)
     resume: Optional[str] = None              # path, or 'auto' -> <snapshot>/train_state.pth
     stop_after: Optional[int] = None          # hidden: stop (and save state) after this many iterations
@@ -182,6 +191,7 @@ class TrainConfig:
         need(self.generalist_term == "none" or len(self.generalist) >= 1,
              f"generalist term {self.generalist_term!r} needs at least one --generalist checkpoint")
         need(self.uamt_passes >= 1, f"uamt_passes must be >= 1, got {self.uamt_passes}")
+        need(0 <= self.checkpoint_levels <= 5, f"checkpoint_levels must be in 0..5, got {self.checkpoint_levels}")
         need(self.num_clicks >= 1, f"num_clicks must be >= 1, got {self.num_clicks}")
         need(self.save_every >= 1, f"save_every must be >= 1, got {self.save_every}")
         need(self.val_every >= 0, f"val_every must be >= 0, got {self.val_every}")
@@ -200,6 +210,10 @@ def _bool(text: str) -> bool:
     if low in ("0", "false", "no", "off"):
         return False
     raise argparse.ArgumentTypeError(f"expected a boolean (1/0, true/false), got {text!r}")
+
+
+def _bool_or_auto(text: str) -> Optional[bool]:
+    return None if str(text).lower() == "auto" else _bool(text)
 
 
 def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
@@ -227,6 +241,8 @@ def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
     a("--ema_decay", type=float)
     a("--uamt_passes", type=int, help="UA-MT stochastic teacher passes T")
     a("--uamt_passes_per_forward", type=int, help="passes batched per teacher forward (0: all)")
+    a("--uamt_reuse_target", type=_bool, help="count the consistency-target pass as one of the T passes "
+                                             "(default 1; 0: a separate pass as in UA-MT)")
     a("--generalist", type=str, nargs="+", help="'none' or one or more SAM-Med3D checkpoint paths")
     a("--generalist_arch", type=str, help="SAM registry name (vit_b_ori) or a JSON config file")
     a("--prompt", type=str, choices=PROMPTS)
@@ -238,7 +254,9 @@ def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
       help="continue from a train_state.pth (no value: <model_dir>/<exp>/train_state.pth)")
     a("--device", type=str, help="auto | cpu | cuda | cuda:N")
     a("--amp", type=str, choices=AMP_MODES, help="autocast dtype for the forward passes (losses stay fp32)")
-    a("--channels_last", type=_bool, help="channels_last_3d memory format")
+    a("--checkpoint_levels", type=int, help="V-Net activation checkpointing: resolution levels recomputed in "
+                                           "backward (0 off, 1 full resolution, 2 also half; saves memory)")
+    a("--channels_last", type=_bool_or_auto, help="channels_last_3d memory format: 1 | 0 | auto (on for CPU)")
     a("--tune_malloc", type=_bool, help="glibc mallopt: reuse freed memory instead of returning it to the OS")
     a("--num_workers", type=int)
     a("--cache", type=_bool, help="keep decoded cases in memory")

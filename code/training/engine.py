@@ -138,7 +138,8 @@ class Trainer:
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = not cfg.deterministic
             torch.backends.cudnn.deterministic = cfg.deterministic
-        self.memory_format = torch.channels_last_3d if cfg.channels_last else torch.contiguous_format
+        channels_last = cfg.channels_last if cfg.channels_last is not None else self.device.type == "cpu"
+        self.memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
         self.amp_dtype = torch.bfloat16 if cfg.amp == "bf16" else None
 
         self.method = build_method(cfg)
@@ -191,6 +192,7 @@ class Trainer:
         cfg = self.cfg
         student = VNet(**cfg.vnet_kwargs).to(self.device, memory_format=self.memory_format)
         student.train()
+        student.checkpoint_levels = cfg.checkpoint_levels   # the teacher never records autograd: no effect there
         if self.ctx.enabled:
             # DDP broadcasts rank 0's parameters and buffers here, so the teacher copy below is identical too
             self.model = DistributedDataParallel(

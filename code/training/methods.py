@@ -8,7 +8,8 @@ A step's loss is ``L = L_sup + w_c(t) * L_ssl + w_s(t) * L_sam`` (DESIGN.md sect
     'mt'   - mean teacher: ``mean((p_s - p_t)^2)`` over unlabeled voxels and classes, p_t from the teacher on
              ``x_u + clamp(0.1 N(0,1), -0.2, 0.2)``;
     'uamt' - UA-MT: the same MSE restricted to voxels whose predictive entropy over T=8 noisy teacher passes is
-             below ``(0.75 + 0.25 sigmoid_rampup(t, T_max)) ln 2``, normalised by ``2 sum(mask)``.
+             below ``(0.75 + 0.25 sigmoid_rampup(t, T_max)) ln 2``, normalised by ``2 sum(mask)``; the target
+             pass is one of the T (``uamt_reuse_target``).
   Weight ``w_c(t) = consistency * sigmoid_rampup(t // 150, consistency_rampup)``.
 - ``GENERALIST_TERMS`` (pseudo-labels of the frozen SAM-Med3D generalist on the unlabeled patches):
     'none', 'semisam' - ``mean((p_fg - m)^2)``, 'semisam_plus' - ``sum(w (p_fg - m)^2) / (sum(w) + 1e-8)``
@@ -72,24 +73,25 @@ class NoisyTeacher:
         """One noisy pass; (U, 1, X, Y, Z) -> softmax (U, C, X, Y, Z) float32 (usable as a loss target)."""
         return self._prob(x_u)
 
-    def mean_prob(self, x_u: torch.Tensor, passes: int, passes_per_forward: int = 0) -> torch.Tensor:
+    def mean_prob(self, x_u: torch.Tensor, passes: int, passes_per_forward: int = 0,
+                  done: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Mean softmax over ``passes`` independent noisy passes; (U, 1, ...) -> (U, C, ...) float32.
 
-        ``passes_per_forward`` copies of the batch go through one forward call (0: all passes at once), under
-        ``torch.inference_mode`` (no autograd bookkeeping). The result is an inference tensor: use it inside
-        inference mode or clone it.
+        ``done``: the softmax (U, C, ...) of a pass already made (e.g. the consistency target), counted as
+        one of the ``passes``. ``passes_per_forward`` copies of the batch go through one forward call (0: all
+        remaining passes at once), under ``torch.inference_mode`` (no autograd bookkeeping). The result is an
+        inference tensor: use it inside inference mode or clone it.
         """
-        k = passes if passes_per_forward <= 0 else min(passes_per_forward, passes)
         u = x_u.shape[0]
-        total = None
         with torch.inference_mode():
-            done = 0
-            while done < passes:
-                n = min(k, passes - done)
+            total = done
+            made = 0 if done is None else 1
+            while made < passes:
+                n = passes - made if passes_per_forward <= 0 else min(passes_per_forward, passes - made)
                 p = self._prob(x_u.repeat(n, 1, 1, 1, 1))          # (n*U, C, ...), pass-major
                 s = p.view(n, u, *p.shape[1:]).sum(dim=0)
                 total = s if total is None else total + s
-                done += n
+                made += n
             return total / passes
 
 
@@ -146,9 +148,11 @@ class MeanTeacherConsistency(Specialist):
 class UncertaintyAwareConsistency(MeanTeacherConsistency):
     """'uamt': MSE where the teacher's predictive entropy over T noisy passes is below UA-MT's threshold.
 
-    As in UA-MT, the consistency target is a separate single noisy teacher pass; the T passes only give the
-    uncertainty. Batching several passes into one forward changes which samples share BatchNorm batch
-    statistics (UA-MT used 2 copies per forward), not the estimator.
+    The consistency target is a single noisy teacher pass. With ``uamt_reuse_target`` (default) it is also one
+    of the T passes of the uncertainty, so T - 1 more passes are made; UA-MT made T separate passes besides
+    it. Each pass draws fresh noise and dropout either way, so the estimator has the same distribution at
+    8/9 of the teacher work. Batching several passes into one forward changes which samples share BatchNorm
+    batch statistics (UA-MT used 2 copies per forward), not the estimator.
     """
     name = "uamt"
 
@@ -156,7 +160,8 @@ class UncertaintyAwareConsistency(MeanTeacherConsistency):
         p_t = self._target(inp)
         with inp.timer("uncertainty"):
             threshold = ramps.uamt_threshold(inp.t, inp.max_iterations)
-            mean_p = inp.teacher.mean_prob(inp.x_u, self.cfg.uamt_passes, self.cfg.uamt_passes_per_forward)
+            mean_p = inp.teacher.mean_prob(inp.x_u, self.cfg.uamt_passes, self.cfg.uamt_passes_per_forward,
+                                           done=p_t if self.cfg.uamt_reuse_target else None)
             with torch.inference_mode():
                 uncertainty = losses.predictive_entropy(mean_p)           # (U, 1, X, Y, Z)
                 mask = (uncertainty < threshold).float()
