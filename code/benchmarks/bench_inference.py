@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stride_z", type=int, default=4)
     p.add_argument("--window_batch", type=int, default=4, help="windows per forward pass (default 4)")
     p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    p.add_argument("--channels_last", choices=["auto", "1", "0"], default="auto",
+                   help="channels_last_3d windows and weights (auto: on for CPU)")
     p.add_argument("--repeats", type=int, default=1, help="whole-volume runs per precision (default 1)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--threads", type=int, default=None)
@@ -116,7 +118,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
     def predict(prec):
         return sliding_window_predict(net, image, tuple(args.patch), args.stride_xy, args.stride_z, 2,
-                                      args.window_batch, C.amp_dtype(prec), device)
+                                      args.window_batch, C.amp_dtype(prec), device,
+                                      channels_last=None if args.channels_last == "auto" else args.channels_last == "1")
 
     warm = torch.zeros((args.window_batch, 1, *args.patch), device=device)
     for prec in args.precisions:
@@ -131,6 +134,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     payload = {"benchmark": "sliding_window_inference", "data": data_desc, "case": case,
                "volume_shape": list(image.shape), "patch": args.patch, "stride_xy": args.stride_xy,
                "stride_z": args.stride_z, "windows": n_windows, "window_batch": args.window_batch,
+               "channels_last": args.channels_last,
                "vnet": vnet_cfg, "weights": weights, "device": str(device), "repeats": args.repeats,
                "runs": runs, "machine": C.machine_info(device)}
     if "fp32" in outputs and "bf16" in outputs:

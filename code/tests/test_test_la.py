@@ -93,6 +93,13 @@ def test_sliding_window_modes_devices_and_amp(small_net):
     assert bf16_score.dtype == np.float32
     np.testing.assert_allclose(bf16_score.sum(0), 1.0, atol=1e-5)  # float32 softmax averaging
     assert np.abs(bf16_score - ref_score).max() < 0.1
+    # layout: channels_last_3d (the CPU default) and contiguous agree; the net's weights keep their layout
+    weight = small_net.block_two.conv[0].weight
+    assert weight.is_contiguous()
+    _, contiguous_score = sliding_window_predict(small_net, image, (32, 32, 16), 8, 4, channels_last=False)
+    _, cl_score = sliding_window_predict(small_net, image, (32, 32, 16), 8, 4, channels_last=True)
+    np.testing.assert_allclose(cl_score, contiguous_score, rtol=0, atol=1e-5)
+    assert small_net.block_two.conv[0].weight.is_contiguous()
     with pytest.raises(ValueError, match="net.to"):
         sliding_window_predict(small_net, image, (32, 32, 16), 8, 4, device="meta")
     with pytest.raises(ValueError, match="outputs 2 classes but num_classes=3"):

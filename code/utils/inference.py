@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -69,9 +69,25 @@ def _check_net_device(net: torch.nn.Module, device: torch.device) -> None:
                          f"move the network with net.to({str(device)!r}) first")
 
 
+@contextmanager
+def _memory_format(net: torch.nn.Module, channels_last: bool):
+    """Run ``net`` in channels_last_3d (or contiguous) layout, restoring its parameters' layout afterwards."""
+    fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
+    weights = [p for p in net.parameters() if p.dim() == 5]
+    restore = [p for p in weights if not p.is_contiguous(memory_format=fmt)]
+    before = {p: p.is_contiguous(memory_format=torch.channels_last_3d) for p in restore}
+    for p in restore:
+        p.data = p.data.contiguous(memory_format=fmt)
+    try:
+        yield fmt
+    finally:
+        for p in restore:
+            p.data = p.data.contiguous(memory_format=torch.channels_last_3d if before[p] else torch.contiguous_format)
+
+
 def sliding_window_predict(net: torch.nn.Module, image, patch_size=(112, 112, 80), stride_xy: int = 18,
                            stride_z: int = 4, num_classes: int = 2, window_batch: int = 4, amp_dtype=None,
-                           device="cpu") -> tuple[np.ndarray, np.ndarray]:
+                           device="cpu", channels_last: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Segment a whole volume with overlapping windows (UA-MT ``test_single_case`` semantics).
 
     Args:
@@ -86,6 +102,9 @@ def sliding_window_predict(net: torch.nn.Module, image, patch_size=(112, 112, 80
             differ only by the rounding of batched convolutions (~1e-7).
         amp_dtype: None (float32) or e.g. torch.bfloat16 for autocast; softmax and accumulation stay float32.
         device: where the windows run and the scores accumulate.
+        channels_last: run the windows and the net's conv weights in channels_last_3d layout (the weights'
+            layout is restored afterwards); None = on for CPU, where oneDNN measured 1.15x (fp32) and 1.36x
+            (bf16) faster forwards.
 
     Returns:
         label_map np.uint8 (X, Y, Z): argmax of the averaged probabilities (first class on ties);
@@ -110,13 +129,16 @@ def sliding_window_predict(net: torch.nn.Module, image, patch_size=(112, 112, 80
     count = torch.zeros(padded.shape, dtype=torch.float32, device=device)
     px, py, pz = patch
 
+    if channels_last is None:
+        channels_last = device.type == "cpu"
     was_training = net.training
     net.eval()
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), _memory_format(net, channels_last) as fmt:
             for first in range(0, len(starts), window_batch):
                 chunk = starts[first:first + window_batch]
                 batch = torch.stack([volume[x:x + px, y:y + py, z:z + pz] for x, y, z in chunk]).unsqueeze(1)
+                batch = batch.contiguous(memory_format=fmt)
                 with _autocast(device, amp_dtype):
                     logits = net(batch)
                 if logits.shape[1] != num_classes:
