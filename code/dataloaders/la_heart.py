@@ -347,6 +347,14 @@ class LAHeart(Dataset):
             self._cache[idx] = arrays
         return arrays
 
+    def preload(self, indices: Iterable[int] | None = None) -> None:
+        """Decode ``indices`` (default: every case) into the cache now (``cache=True`` only). DataLoader
+        workers forked afterwards share these arrays copy-on-write instead of each decoding its own copy."""
+        if not self.cache:
+            raise LADataError("preload() needs LAHeart(..., cache=True)")
+        for idx in range(len(self)) if indices is None else indices:
+            self.load(self._check_index(idx, "preload"))
+
     def __getitem__(self, key) -> dict:
         if isinstance(key, tuple):
             if len(key) != 2:

@@ -153,6 +153,14 @@ def test_withheld_labels_are_never_read(tmp_path, monkeypatch):
             assert item["label"].dtype == torch.int64 and item["label"].abs().sum() == 0
             assert torch.equal(item["image"], torch.ones(1, 12, 10, 8))
             assert ds[0]["labeled"] is True and ds[0]["label"].sum() > 0
+    # preloading (the training default) decodes the cases once, still without the withheld label
+    ds = LAHeart(base, split="train", withhold_labels=[2], cache=True)
+    ds.preload([0, 2])
+    assert sorted(ds._cache) == [0, 2] and ds._cache[2][1] is None and ds._cache[0][1] is not None
+    with pytest.raises(LADataError, match="preload: index 3 out of range"):
+        ds.preload([3])
+    with pytest.raises(LADataError, match="cache=True"):
+        LAHeart(base, split="train").preload()
     image, label = load_case(base, "C", with_label=False)
     assert label is None and image.shape == (12, 10, 8)
     check_case_header(base, "C", with_label=False)

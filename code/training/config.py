@@ -61,7 +61,9 @@ class TrainConfig:
     batch_size: int = 4
     labeled_bs: int = 2
     num_workers: int = 4
-    cache: bool = False
+    # decode every used case once, before the workers fork (they share it): the gzip-compressed h5 files cost
+    # ~45 ms per case and read, ~6% of a bf16 step on CPU; costs ~10 MB of memory per case (0.8 GB for LA)
+    cache: bool = True
     # output
     exp: str = "LA/experiment"
     model_dir: str = "../model"
@@ -259,7 +261,7 @@ def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
     a("--channels_last", type=_bool_or_auto, help="channels_last_3d memory format: 1 | 0 | auto (on for CPU)")
     a("--tune_malloc", type=_bool, help="glibc mallopt: reuse freed memory instead of returning it to the OS")
     a("--num_workers", type=int)
-    a("--cache", type=_bool, help="keep decoded cases in memory")
+    a("--cache", type=_bool, help="decode the cases once into memory at the start (default 1)")
     a("--val_list", type=str, help="validation case list (enables best_model.pth selection)")
     a("--val_every", type=int, help="validate every N iterations (0: never)")
     a("--val_stride_xy", type=int, help="validation sliding-window stride along X and Y")

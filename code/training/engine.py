@@ -181,6 +181,8 @@ class Trainer:
         transform = Compose([RandomRotFlip(), RandomCrop(cfg.patch_size), ToTensor()])
         self.dataset = LAHeart(base_dir=cfg.root_path, list_file=list_file, transform=transform, cache=cfg.cache,
                                withhold_labels=self.unlabeled_idxs)
+        if cfg.cache:   # before any worker forks, so the workers share one decoded copy
+            self.dataset.preload(self.labeled_idxs + (self.unlabeled_idxs if self.uses_unlabeled else []))
         n_unlabeled = cfg.batch_size - cfg.labeled_bs
         if not self.unlabeled_idxs:
             n_unlabeled = 0          # supervised only with every case labeled: no unlabeled stream at all
