@@ -170,3 +170,22 @@ def test_random_clicks_depend_only_on_the_error_voxels_not_on_the_volume_around_
         small = next_clicks(pred, target, k, _gen(k))
         big = next_clicks(big_pred, big_target, k, _gen(k))
         assert torch.equal(small[0] + torch.tensor([5, 1, 3]), big[0]) and torch.equal(small[1], big[1])
+
+
+def test_fast_distance_transform_gives_the_same_deepest_voxels_as_scipy(monkeypatch):
+    # edt (a requirement) and scipy's fallback must pick the same click, ties included
+    import numpy as np
+    from scipy import ndimage
+
+    import utils.clicks as clicks
+    assert clicks._edt is not None, "edt is in requirements.txt: the fast path must be the one tested here"
+    rng = np.random.default_rng(3)
+    cases = [ndimage.binary_opening(rng.random((40, 36, 30)) > p) for p in (0.2, 0.3)]
+    cases.append(rng.random((40, 36, 30)) > 0.4)
+    cases += [np.ones((9, 9, 9), bool), np.pad(np.ones((4, 6, 4), bool), 3)]  # many exact ties
+    fast = [clicks._deepest_voxel_of_largest_region(m, np.zeros_like(m)) for m in cases]
+    assert all(v is not None for v in fast)
+    monkeypatch.setattr(clicks, "_edt", None)
+    slow = [clicks._deepest_voxel_of_largest_region(m, np.zeros_like(m)) for m in cases]
+    assert fast == slow
+    assert fast[3] == (4, 4, 4)

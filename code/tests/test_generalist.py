@@ -428,3 +428,16 @@ def test_pad_geometry_clicks_stay_inside_the_patch_even_for_an_empty_specialist(
     lo, hi = torch.tensor([4, 4, 8]), torch.tensor([28, 28, 24])  # patch 24 x 24 x 16 centred in 32^3
     assert ((coords >= lo) & (coords < hi)).all()
     assert labels[1].eq(0).all()  # an empty specialist target only ever gets negative clicks
+
+
+def test_patch_embedding_stays_float32_under_bf16_autocast(sam):
+    # oneDNN's bf16 kernel for this conv is ~25x slower than float32 on AVX-512 CPUs; the layer opts out
+    x = torch.randn(2, 1, S, S, S, generator=torch.Generator().manual_seed(4))
+    embed = sam.image_encoder.patch_embed
+    with torch.inference_mode():
+        ref = embed(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = embed(x)
+            after = sam.image_encoder.blocks[0].mlp.lin1(out)   # later layers still autocast
+    assert out.dtype == torch.float32 and torch.equal(out, ref)
+    assert after.dtype == torch.bfloat16

@@ -27,6 +27,11 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+try:  # seung-lab's exact Euclidean distance transform: ~5x faster than scipy's on 128^3 masks
+    import edt as _edt
+except ImportError:  # scipy gives the same distances (tested), only slower
+    _edt = None
+
 __all__ = ["next_clicks", "accumulate_clicks"]
 
 
@@ -39,6 +44,15 @@ def _check_masks(pred: torch.Tensor, target: torch.Tensor) -> None:
                          "must have the same shape")
     if pred.device != target.device:
         raise ValueError(f"next_clicks: pred on {pred.device} but target on {target.device}")
+
+
+def _depth(mask: np.ndarray) -> np.ndarray:
+    """Per voxel of ``mask`` (X, Y, Z) a strictly increasing function of its Euclidean distance to the
+    nearest False voxel: the squared distance with edt (integers, exact in its float32), the distance with
+    scipy. Both order the voxels identically, so the deepest voxel (first in C order on ties) is the same."""
+    if _edt is not None:
+        return _edt.edtsq(np.ascontiguousarray(mask, dtype=np.uint8), parallel=1)
+    return ndimage.distance_transform_edt(mask)
 
 
 def _deepest_voxel_of_largest_region(fn: np.ndarray, fp: np.ndarray) -> tuple[int, ...] | None:
@@ -62,7 +76,7 @@ def _deepest_voxel_of_largest_region(fn: np.ndarray, fp: np.ndarray) -> tuple[in
     box = ndimage.find_objects(labels)[comp_id - 1]
     region = labels[box] == comp_id
     # zero padding: voxels on the volume border are at distance 1 from the outside (RITM convention)
-    dist = ndimage.distance_transform_edt(np.pad(region, 1))[1:-1, 1:-1, 1:-1]
+    dist = _depth(np.pad(region, 1))[1:-1, 1:-1, 1:-1]
     local = np.unravel_index(int(np.argmax(dist)), dist.shape)
     return tuple(int(sl.start + i) for sl, i in zip(box, local))
 
