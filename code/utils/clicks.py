@@ -73,8 +73,12 @@ def _deepest_voxel_of_largest_region(fn: np.ndarray, fp: np.ndarray) -> tuple[in
     if best is None:
         return None
     _, _, labels, comp_id = best
-    box = ndimage.find_objects(labels)[comp_id - 1]
-    region = labels[box] == comp_id
+    # the bounding box of this one component: find_objects(labels) would build a slice tuple for each of the
+    # (early in training, tens of thousands of) components, and the garbage collector passes that this
+    # triggers in a training process holding many Python objects took ~1 s per call
+    component = labels == comp_id
+    box = ndimage.find_objects(component.view(np.uint8))[0]
+    region = component[box]
     # zero padding: voxels on the volume border are at distance 1 from the outside (RITM convention)
     dist = _depth(np.pad(region, 1))[1:-1, 1:-1, 1:-1]
     local = np.unravel_index(int(np.argmax(dist)), dist.shape)
