@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import test_LA
 from dataloaders.la_heart import load_case
 from networks.vnet import VNet
-from utils.inference import (CheckpointError, largest_connected_component, load_specialist,
+from utils.inference import (CheckpointError, fold_batchnorm, largest_connected_component, load_specialist,
                              sliding_window_predict, window_starts)
 from utils.metrics import calculate_metric_percase
 
@@ -106,6 +106,25 @@ def test_sliding_window_modes_devices_and_amp(small_net):
         sliding_window_predict(small_net, image, (32, 32, 16), 8, 4, num_classes=3)
     with pytest.raises(ValueError, match="3-D"):
         sliding_window_predict(small_net, image[0], (32, 32, 16), 8, 4)
+
+
+@pytest.mark.parametrize("normalization", ["batchnorm", "groupnorm", "none"])
+def test_batchnorm_folding_keeps_the_outputs(small_net, normalization):
+    torch.manual_seed(5)
+    net = small_net if normalization == "batchnorm" else VNet(n_filters=16 if normalization == "groupnorm" else 4,
+                                                              normalization=normalization).eval()
+    x = torch.randn(2, 1, 32, 32, 16)
+    folded = fold_batchnorm(net)
+    kinds = {type(m) for m in folded.modules()}
+    assert torch.nn.BatchNorm3d not in kinds and not folded.training
+    if normalization == "batchnorm":  # convolutions and transposed convolutions were both folded
+        assert isinstance(folded.block_five_up.conv[1], torch.nn.Identity)
+        assert isinstance(folded.block_one.conv[1], torch.nn.Identity)
+    assert any(isinstance(m, torch.nn.BatchNorm3d) for m in net.modules()) == (normalization == "batchnorm")
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), net(x), rtol=1e-4, atol=1e-5)
+    if normalization == "groupnorm":
+        assert any(isinstance(m, torch.nn.GroupNorm) for m in folded.modules())
 
 
 def test_window_starts_official_formula():

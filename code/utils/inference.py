@@ -6,6 +6,7 @@ runs several windows per forward pass, on any device, optionally under bf16 auto
 """
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 import time
@@ -69,6 +70,40 @@ def _check_net_device(net: torch.nn.Module, device: torch.device) -> None:
                          f"move the network with net.to({str(device)!r}) first")
 
 
+def fold_batchnorm(net: torch.nn.Module) -> torch.nn.Module:
+    """An eval-mode copy of ``net`` in which every BatchNorm3d that directly follows a Conv3d or
+    ConvTranspose3d in a ``Sequential`` (the V-Net's conv, norm, ReLU stages) is folded into that convolution:
+    ``w' = w * g / sqrt(var + eps)``, ``b' = (b - mean) * g / sqrt(var + eps) + beta`` per output channel, the
+    norm replaced by an Identity (same outputs up to rounding, one pass over each activation fewer).
+    ``net`` itself is not changed."""
+    folded = copy.deepcopy(net).eval()
+    for seq in folded.modules():
+        if not isinstance(seq, torch.nn.Sequential):
+            continue
+        for i in range(len(seq) - 1):
+            conv, norm = seq[i], seq[i + 1]
+            if not (isinstance(conv, (torch.nn.Conv3d, torch.nn.ConvTranspose3d))
+                    and isinstance(norm, torch.nn.BatchNorm3d) and norm.track_running_stats):
+                continue
+            with torch.no_grad():
+                scale = (norm.running_var.double() + norm.eps).rsqrt()
+                if norm.weight is not None:
+                    scale = scale * norm.weight.double()
+                shift = -norm.running_mean.double() * scale
+                if norm.bias is not None:
+                    shift = shift + norm.bias.double()
+                # output channels: dim 0 of a Conv3d weight, dim 1 of a ConvTranspose3d weight
+                view = (1, -1, 1, 1, 1) if isinstance(conv, torch.nn.ConvTranspose3d) else (-1, 1, 1, 1, 1)
+                weight = conv.weight.double() * scale.view(view)
+                bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(scale)
+                conv.weight.copy_(weight.to(conv.weight.dtype))
+                if conv.bias is None:
+                    conv.bias = torch.nn.Parameter(torch.zeros_like(norm.running_mean))
+                conv.bias.copy_((bias * scale + shift).to(conv.bias.dtype))
+            seq[i + 1] = torch.nn.Identity()
+    return folded
+
+
 @contextmanager
 def _memory_format(net: torch.nn.Module, channels_last: bool):
     """Run ``net`` in channels_last_3d (or contiguous) layout, restoring its parameters' layout afterwards."""
@@ -87,7 +122,8 @@ def _memory_format(net: torch.nn.Module, channels_last: bool):
 
 def sliding_window_predict(net: torch.nn.Module, image, patch_size=(112, 112, 80), stride_xy: int = 18,
                            stride_z: int = 4, num_classes: int = 2, window_batch: int = 4, amp_dtype=None,
-                           device="cpu", channels_last: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+                           device="cpu", channels_last: bool | None = None,
+                           fold_bn: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Segment a whole volume with overlapping windows (UA-MT ``test_single_case`` semantics).
 
     Args:
@@ -105,6 +141,8 @@ def sliding_window_predict(net: torch.nn.Module, image, patch_size=(112, 112, 80
         channels_last: run the windows and the net's conv weights in channels_last_3d layout (the weights'
             layout is restored afterwards); None = on for CPU, where oneDNN measured 1.15x (fp32) and 1.36x
             (bf16) faster forwards.
+        fold_bn: run a copy of the net with its eval-mode BatchNorm folded into the convolutions
+            (``fold_batchnorm``: same scores up to rounding, ~10 % faster).
 
     Returns:
         label_map np.uint8 (X, Y, Z): argmax of the averaged probabilities (first class on ties);
@@ -134,13 +172,14 @@ def sliding_window_predict(net: torch.nn.Module, image, patch_size=(112, 112, 80
     was_training = net.training
     net.eval()
     try:
-        with torch.inference_mode(), _memory_format(net, channels_last) as fmt:
+        run = fold_batchnorm(net) if fold_bn else net
+        with torch.inference_mode(), _memory_format(run, channels_last) as fmt:
             for first in range(0, len(starts), window_batch):
                 chunk = starts[first:first + window_batch]
                 batch = torch.stack([volume[x:x + px, y:y + py, z:z + pz] for x, y, z in chunk]).unsqueeze(1)
                 batch = batch.contiguous(memory_format=fmt)
                 with _autocast(device, amp_dtype):
-                    logits = net(batch)
+                    logits = run(batch)
                 if logits.shape[1] != num_classes:
                     raise ValueError(f"the network outputs {logits.shape[1]} classes but num_classes={num_classes}")
                 probs = torch.softmax(logits.float(), dim=1)
