@@ -343,7 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="several configurations, each METHOD[:key=value...] (training flags without '--', "
                            "commas for several values), e.g. mt uamt semisam mt:amp=bf16; ratios are to the first")
     p.add_argument("--steps", type=int, default=3, help="timed steps (default 3)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed warm-up steps first (default 1)")
+    p.add_argument("--warmup", type=int, default=2,
+                   help="untimed warm-up steps first (default 2: with the malloc options the process's memory "
+                        "still grows during the second step at 128^3 on CPU)")
     p.add_argument("--rounds", type=int, default=1,
                    help="run the whole comparison this many times (fresh processes, order reversed every other "
                         "round) and pool the steps: spreads each configuration over time on a shared machine")

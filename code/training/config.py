@@ -22,6 +22,8 @@ consistency, rampup        0.1, 40 (in blocks of 150 its)   paper (UA-MT)
 ema_decay                  0.99, alpha = min(1-1/(t+1), .99) paper (UA-MT)
 teacher noise              clamp(0.1 N(0,1), -0.2, 0.2)     paper (UA-MT)
 uamt passes T              8                                paper (UA-MT)
+uamt target pass           one of the T passes              ours (UA-MT: a separate 9th pass; same distribution;
+                                                            --uamt_reuse_target 0 restores it)
 sam_weight, rampdown       0.1, 40 (blocks of 150)          ramp-down shape: SemiSAM script; the value 0.1
                                                             is our assumption (not verified in its code)
 prompt / clicks            point, 10                        paper (SemiSAM)
@@ -33,6 +35,7 @@ sup baseline               batch 4 / labeled_bs 2; the 2    ours (same labeled p
                                                             included, never sees an unlabeled scan)
 validation                 off (last checkpoint)            paper protocol; --val_list/--val_every optional
 save_every                 1000                             paper (UA-MT saves iter_N every 1000)
+channels_last / cache      auto (on for CPU) / on           ours (speed; same maths, results/README.md)
 =========================  ===============================  =================================================
 """
 from __future__ import annotations
