@@ -125,6 +125,8 @@ def parse_args(argv=None) -> argparse.Namespace:
       help="use the existing demo generalist as it is, even if it was trained with other settings")
     a("--device", default=DEVICE)
     a("--threads", type=int, default=THREADS, help="torch CPU threads (0: idle cores per /proc/loadavg)")
+    a("--channels_last", choices=("auto", "1", "0"), default="auto",
+      help="training memory layout (auto: channels_last_3d on CPU); the maths is the same, the summation order not")
     a("--no_progress", action="store_true", help="no progress bars (default: bars when stderr is a terminal)")
     # the settings below default to the DEFAULTS (or QUICK) presets
     a("--phantom_size", type=int, nargs=3, metavar=("X", "Y", "Z"))
@@ -680,6 +682,7 @@ def run_demo(args, s: dict, device: str, threads: int, t0: float) -> dict:
     data = prepare_data(args, s)
     generalist = prepare_generalist(args, s, device, progress)
     common = train_settings(s, data, out, device, progress)
+    common["channels_last"] = None if args.channels_last == "auto" else args.channels_last == "1"
     runs, results = {}, {}
     for label, exp in METHODS:
         runs[label] = train_method(label, exp, s, common, generalist)

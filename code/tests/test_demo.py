@@ -265,3 +265,14 @@ def test_quick_demo_on_the_real_la_data(first_run, la_root, tmp_path):
         assert case["case"] == first_test_case and all(math.isfinite(case[k]) for k in ("dice", "hd95", "asd"))
     assert "HD95 (mm)" in (tmp_path / "model" / "summary.md").read_text()
     assert png_size(tmp_path / "model" / "demo.png")[0] >= 1000
+
+
+def test_channels_last_flag_reaches_both_training_runs(first_run):
+    # last in this file: it rewrites first_run's model folder
+    root = first_run[0]
+    demo.main(quick_argv(root, "--channels_last", "0"))
+    for _, exp in demo.METHODS:
+        assert json.loads((root / "model" / exp / "config.json").read_text())["channels_last"] is False
+    demo.main(quick_argv(root))
+    for _, exp in demo.METHODS:
+        assert json.loads((root / "model" / exp / "config.json").read_text())["channels_last"] is None
