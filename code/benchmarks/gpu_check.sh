@@ -11,6 +11,8 @@
 #   step_fp32.json   MT, UA-MT, SemiSAM (point, 10 clicks) at 112x112x80, batch 4 (2 labeled), fp32
 #   step_bf16.json   the same under bf16 autocast, plus MT fp32 as the in-run baseline
 #   step_128.json    MT and SemiSAM at the SemiSAM script's 128^3 patch, fp32 and bf16
+#   step_128_layout_memory.json  channels_last on CUDA (off by default there until measured) and SemiSAM's
+#                    CUDA peak memory with --checkpoint_levels 2, at 128^3
 #   encoder.json     vit_b_ori image encoder fast vs reference, fp32 and bf16, batch 2; generalist branch fp32 vs bf16
 #   inference.json   sliding-window inference of one volume (112x112x80, stride 18/4) fp32 vs bf16
 #   gpu_check.log    everything printed
@@ -29,7 +31,7 @@ while [ $# -gt 0 ]; do
     --synthetic) data=(--synthetic); shift ;;
     --out) results="$2"; shift 2 ;;
     --quick) steps=3; warmup=1; shift ;;
-    -h|--help) sed -n '2,17p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    -h|--help) sed -n '2,19p' "${BASH_SOURCE[0]}"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -71,6 +73,9 @@ run "$py" benchmarks/bench_step.py --compare mt mt:amp=bf16 uamt:amp=bf16 semisa
     --json "$results/step_bf16.json"
 run "$py" benchmarks/bench_step.py --compare mt semisam mt:amp=bf16 semisam:amp=bf16 "${common[@]}" \
     --patch_size 128 128 128 --json "$results/step_128.json"
+run "$py" benchmarks/bench_step.py --compare mt mt:channels_last=1 mt:amp=bf16 mt:amp=bf16:channels_last=1 \
+    semisam:checkpoint_levels=2 semisam:amp=bf16:checkpoint_levels=2 "${common[@]}" --patch_size 128 128 128 \
+    --json "$results/step_128_layout_memory.json"
 run "$py" benchmarks/bench_encoder.py --device cuda --batch 2 --steps "$steps" --warmup "$warmup" --branch \
     "${data[@]}" --json "$results/encoder.json"
 run "$py" benchmarks/bench_inference.py --device cuda --repeats 3 "${data[@]}" --json "$results/inference.json"

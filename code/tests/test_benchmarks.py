@@ -216,7 +216,7 @@ def test_gpu_check_commands_parse(tmp_path):
     assert proc.returncode == 0, proc.stderr
     commands = [line[2:].split() for line in proc.stdout.splitlines() if line.startswith("+ ")]
     scripts = [next(a for a in cmd if a.startswith("benchmarks/")) for cmd in commands]
-    assert scripts == ["benchmarks/bench_step.py"] * 3 + ["benchmarks/bench_encoder.py",
+    assert scripts == ["benchmarks/bench_step.py"] * 4 + ["benchmarks/bench_encoder.py",
                                                           "benchmarks/bench_inference.py"]
     for cmd, script in zip(commands, scripts):
         argv = cmd[cmd.index(script) + 1:]
