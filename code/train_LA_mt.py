@@ -2,9 +2,7 @@
 
 Run from code/:  python train_LA_mt.py [--flags]   (python train_LA_mt.py -h lists them)
 """
-import sys
-
-from training.run import main
+from training.run import run_script
 
 EXP = "LA/MT"
 LABELED_NUM = 16
@@ -14,4 +12,4 @@ GENERALIST_TERM = "none"
 SETTINGS = dict(exp=EXP, labeled_num=LABELED_NUM, specialist=SPECIALIST, generalist_term=GENERALIST_TERM)
 
 if __name__ == "__main__":
-    main(SETTINGS, sys.argv[1:])
+    run_script(SETTINGS)

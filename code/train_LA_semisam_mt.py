@@ -5,9 +5,7 @@ of the unlabeled scans). Settings below are the official script's: 128^3 patches
 with 2 labeled, 10 clicks, ../ckpt/sam_med3d.pth (vit_b_ori); flags override them.
 Run from code/:  python train_LA_semisam_mt.py [--flags]
 """
-import sys
-
-from training.run import main
+from training.run import run_script
 
 EXP = "LA/SemiSAM_MT"
 LABELED_NUM = 4
@@ -25,4 +23,4 @@ SETTINGS = dict(exp=EXP, labeled_num=LABELED_NUM, patch_size=PATCH_SIZE, special
                 prompt=PROMPT, num_clicks=NUM_CLICKS, sam_weight=SAM_WEIGHT)
 
 if __name__ == "__main__":
-    main(SETTINGS, sys.argv[1:])
+    run_script(SETTINGS)

@@ -6,9 +6,7 @@ Our defaults (the official LA recipe is spread over several scripts): MT special
 SAM-Med3D and SAM-Med3D-turbo, 128^3 patches, 4 labeled cases, batch 4 with 2 labeled.
 Run from code/:  python train_LA_semisam_plus.py [--flags]
 """
-import sys
-
-from training.run import main
+from training.run import run_script
 
 EXP = "LA/SemiSAM_plus"
 LABELED_NUM = 4
@@ -26,4 +24,4 @@ SETTINGS = dict(exp=EXP, labeled_num=LABELED_NUM, patch_size=PATCH_SIZE, special
                 prompt=PROMPT, num_clicks=NUM_CLICKS, sam_weight=SAM_WEIGHT)
 
 if __name__ == "__main__":
-    main(SETTINGS, sys.argv[1:])
+    run_script(SETTINGS)

@@ -4,9 +4,7 @@ Each batch holds LABELED_BS labeled patches (the same number as in the semi-supe
 rows of the sampler are never loaded nor seen by the network, BatchNorm statistics included.
 Run from code/:  python train_LA_sup.py [--flags]
 """
-import sys
-
-from training.run import main
+from training.run import run_script
 
 EXP = "LA/Supervised"
 LABELED_NUM = 16
@@ -16,4 +14,4 @@ GENERALIST_TERM = "none"
 SETTINGS = dict(exp=EXP, labeled_num=LABELED_NUM, specialist=SPECIALIST, generalist_term=GENERALIST_TERM)
 
 if __name__ == "__main__":
-    main(SETTINGS, sys.argv[1:])
+    run_script(SETTINGS)

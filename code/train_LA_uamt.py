@@ -3,9 +3,7 @@
 Run from code/:  python train_LA_uamt.py [--flags]   (python train_LA_uamt.py -h lists them)
 Settings below are the defaults of the official UA-MT train_LA.py; flags override them.
 """
-import sys
-
-from training.run import main
+from training.run import run_script
 
 EXP = "LA/UAMT"
 LABELED_NUM = 16
@@ -15,4 +13,4 @@ GENERALIST_TERM = "none"
 SETTINGS = dict(exp=EXP, labeled_num=LABELED_NUM, specialist=SPECIALIST, generalist_term=GENERALIST_TERM)
 
 if __name__ == "__main__":
-    main(SETTINGS, sys.argv[1:])
+    run_script(SETTINGS)

@@ -404,4 +404,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
+    # the same process environment as the training scripts (glibc huge-page malloc); workers inherit it
+    from training.run import restart_with_hugepage_malloc
+    restart_with_hugepage_malloc()
     main()

@@ -125,7 +125,7 @@ def test_script_settings_and_flag_precedence():
         src = (CODE_DIR / f"{name}.py").read_text()
         # thin: settings then the shared main, no training code of its own
         assert "def " not in src and "class " not in src and "for " not in src.split('"""')[-1], name
-        assert "main(SETTINGS, sys.argv[1:])" in src and "from training.run import main" in src
+        assert "run_script(SETTINGS)" in src and "from training.run import run_script" in src
 
     uamt = parse_config(scripts["train_LA_uamt"], [])
     assert (uamt.specialist, uamt.generalist_term, uamt.labeled_num) == ("uamt", "none", 16)
@@ -196,3 +196,34 @@ def test_config_round_trip():
     back = config_from_dict(d)
     assert back.patch_size == (32, 32, 16) and back.generalist == ["a.pth"] and back.to_dict() == cfg.to_dict()
 
+
+
+def test_hugepage_malloc_environment_rules(monkeypatch):
+    from training.run import hugepage_malloc_env
+    monkeypatch.setattr(sys, "platform", "linux")
+    env = hugepage_malloc_env({"PATH": "/bin"})
+    assert env == {"PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1", "SEMISAM_NO_REEXEC": "1"}
+    merged = hugepage_malloc_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})
+    assert merged["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+    assert hugepage_malloc_env({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}) is None   # the user's choice
+    assert hugepage_malloc_env({"SEMISAM_NO_REEXEC": "1"}) is None
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert hugepage_malloc_env({}) is None
+
+
+def test_entry_script_restarts_once_with_hugepage_malloc_and_keeps_its_arguments(tmp_path):
+    script = tmp_path / "entry.py"
+    script.write_text(
+        "import os, sys\n"
+        f"sys.path.insert(0, {str(CODE_DIR)!r})\n"
+        "import training.run as run\n"
+        "run.main = lambda defaults, argv: print('RUN', os.environ.get('GLIBC_TUNABLES'), defaults, argv)\n"
+        "run.run_script({'exp': 'x'})\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "SEMISAM_NO_REEXEC")}
+    out = subprocess.run([sys.executable, str(script), "--seed", "3"], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["RUN glibc.malloc.hugetlb=1 {'exp': 'x'} ['--seed', '3']"]
+    kept = subprocess.run([sys.executable, str(script)], env=dict(env, SEMISAM_NO_REEXEC="1"),
+                          capture_output=True, text=True, timeout=120)
+    assert kept.stdout.splitlines() == ["RUN None {'exp': 'x'} []"]

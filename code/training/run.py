@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -56,6 +57,42 @@ def tune_malloc(mmap_threshold: int = _MMAP_THRESHOLD_MAX, trim_threshold: int =
     if disable_mmap:
         settings.append((_M_MMAP_MAX, 0))
     return all(mallopt(param, value) == 1 for param, value in settings)
+
+
+_HUGETLB = "glibc.malloc.hugetlb=1"
+_REEXEC_GUARD = "SEMISAM_NO_REEXEC"
+
+
+def hugepage_malloc_env(environ: dict) -> Optional[dict]:
+    """The environment to restart with so that glibc's malloc backs large blocks with transparent huge pages
+    (``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``), or None to keep this one: not Linux, the tunable already
+    chosen (either way), or ``SEMISAM_NO_REEXEC`` set (also set in the returned environment, so a restarted
+    process never restarts again). Measured on this project's 2-core CPU machine, a 128^3 V-Net forward +
+    backward: 7.92 -> 6.19 s with ``--tune_malloc 1``, 12.35 -> 8.64 s with ``--tune_malloc 0``. The tunable is
+    only read when a process starts, hence the restart; glibc versions without it ignore it."""
+    if not sys.platform.startswith("linux") or environ.get(_REEXEC_GUARD):
+        return None
+    tunables = environ.get("GLIBC_TUNABLES", "")
+    if "glibc.malloc.hugetlb" in tunables:
+        return None
+    return dict(environ, GLIBC_TUNABLES=":".join(t for t in (tunables, _HUGETLB) if t), **{_REEXEC_GUARD: "1"})
+
+
+def restart_with_hugepage_malloc() -> None:
+    """Replace this process by the same command under :func:`hugepage_malloc_env` (same PID, so torchrun
+    and job schedulers keep tracking it); returns without doing anything when that is None."""
+    env = hugepage_malloc_env(dict(os.environ))
+    if env is not None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execve(sys.executable, list(sys.orig_argv), env)
+
+
+def run_script(defaults: dict) -> Trainer:
+    """What the ``train_LA_*.py`` scripts run: :func:`restart_with_hugepage_malloc` (``SEMISAM_NO_REEXEC=1``
+    keeps the process as it is), then ``main(defaults, sys.argv[1:])``."""
+    restart_with_hugepage_malloc()
+    return main(defaults, sys.argv[1:])
 
 
 def main(defaults: dict, argv: Optional[Sequence[str]] = None, timer: Timer = null_timer) -> Trainer:
