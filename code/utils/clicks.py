@@ -88,30 +88,38 @@ def _deepest_voxel_of_largest_region(fn: np.ndarray, fp: np.ndarray) -> tuple[in
 _BLOCK = 4096  # voxels per block of the two-level search in _kth_true
 
 
-def _kth_true(pool: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Flat index of the k-th (0-based, C order) True voxel of each row of ``pool`` (B, N); k (B,) int64,
-    k < the row's count. Two levels (counts per block of ``_BLOCK`` voxels, then one block) instead of a
-    cumulative sum over all N voxels: that int64 cumsum was the costliest part of a click."""
+def _block_counts(pool: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """pool (B, N) bool -> (pool as (B, blocks, _BLOCK), zero-padded; cumulative True count per block
+    (B, blocks)): one pass over the voxels, shared by the count and the search of a random click."""
     batch, n = pool.shape
     blocks = -(-n // _BLOCK)
     if blocks * _BLOCK != n:
         pool = torch.cat([pool, pool.new_zeros(batch, blocks * _BLOCK - n)], dim=1)
     pool = pool.view(batch, blocks, _BLOCK)
-    cumulative = pool.sum(dim=2).cumsum(dim=1)  # (B, blocks)
+    return pool, pool.sum(dim=2).cumsum(dim=1)
+
+
+def _kth_true(pool: torch.Tensor, k: torch.Tensor, counts=None) -> torch.Tensor:
+    """Flat index of the k-th (0-based, C order) True voxel of each row of ``pool`` (B, N); k (B,) int64,
+    k < the row's count. Two levels (counts per block of ``_BLOCK`` voxels, then one block) instead of a
+    cumulative sum over all N voxels: that int64 cumsum was the costliest part of a click. ``counts``:
+    ``_block_counts(pool)`` when already computed."""
+    blocked, cumulative = counts if counts is not None else _block_counts(pool)
     block = torch.searchsorted(cumulative, (k + 1).unsqueeze(1)).squeeze(1)
     before = torch.where(block > 0, cumulative.gather(1, (block - 1).clamp(min=0).unsqueeze(1)).squeeze(1), 0)
-    rows = pool[torch.arange(batch, device=pool.device), block]  # (B, _BLOCK)
+    rows = blocked[torch.arange(blocked.shape[0], device=blocked.device), block]  # (B, _BLOCK)
     inner = torch.searchsorted(rows.cumsum(dim=1), (k - before + 1).unsqueeze(1)).squeeze(1)
     return block * _BLOCK + inner
 
 
 def _random_voxel(pool: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Uniformly random flat index of a True voxel of each row of ``pool`` (B, N); every row non-empty."""
-    counts = pool.sum(dim=1)
+    blocks = _block_counts(pool)
+    counts = blocks[1][:, -1]
     u = torch.rand(pool.shape[0], generator=generator, dtype=torch.float64,
                    device=generator.device).to(pool.device)
     k = torch.minimum((u * counts).long(), counts - 1)  # k-th True voxel, 0-based
-    return _kth_true(pool, k)
+    return _kth_true(pool, k, blocks)
 
 
 @torch.no_grad()
