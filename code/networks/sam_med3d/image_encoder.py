@@ -207,26 +207,12 @@ class Attention(nn.Module):
             return window_unpartition3D(self(windows), window_size, pad_dhw, (D, H, W))
         return self(x)
 
-    def _padded_qkv(self, x: torch.Tensor, padded: Size3) -> torch.Tensor:
-        """qkv of the real tokens, with the zero-padding tokens' qkv (= the bias) filled in.
-
-        ``(B, D, H, W, E) -> (B, Dp, Hp, Wp, 3E)``; padding after norm1 with zeros makes
-        ``qkv(0) = bias`` exactly, so no matmul is spent on padding.
-        """
-        B, D, H, W, _ = x.shape
-        qkv = self.qkv(x)
-        if padded == (D, H, W):
-            return qkv
-        full = qkv.new_empty((B, *padded, qkv.shape[-1]))
-        if self.qkv.bias is None:
-            full.zero_()
-        else:
-            full.copy_(self.qkv.bias.to(qkv.dtype).expand_as(full))
-        full[:, :D, :H, :W] = qkv
-        return full
-
     def _forward_fast(self, x: torch.Tensor, window_size: int) -> torch.Tensor:
-        """``(B, D, H, W, E) -> (B, D, H, W, E)``: SDPA over the real query rows of each window box."""
+        """``(B, D, H, W, E) -> (B, D, H, W, E)``: SDPA over the real query rows of each window box.
+
+        Only the real tokens go through ``qkv``: zero padding after norm1 makes a padding token's q, k and v
+        exactly the qkv bias (zero without one), so the padded window is never built.
+        """
         B, D, H, W, E = x.shape
         if window_size > 0:
             n = window_size
@@ -236,35 +222,41 @@ class Attention(nn.Module):
             n = D
         nh, c = self.num_heads, E // self.num_heads
         nwin = tuple(math.ceil(s / n) for s in (D, H, W))
-        qkv = self._padded_qkv(x, tuple(k * n for k in nwin))
-        # (B, Dp, Hp, Wp, 3E) -> (3, B, nd, nh_w, nw, heads, n, n, n, c)
-        qkv = qkv.view(B, nwin[0], n, nwin[1], n, nwin[2], n, 3, nh, c)
-        qkv = qkv.permute(7, 0, 1, 3, 5, 8, 2, 4, 6, 9)
-        q, k, v = qkv.unbind(0)
+        qkv = self.qkv(x)                                     # (B, D, H, W, 3E), real tokens only
+        pad = (self.qkv.bias.to(qkv.dtype) if self.qkv.bias is not None
+               else qkv.new_zeros(3 * E)).view(3, nh, c)    # q, k, v of every padding token
         if self.use_rel_pos:
             Rd = get_rel_pos(n, n, self.rel_pos_d)
             Rh = get_rel_pos(n, n, self.rel_pos_h)
             Rw = get_rel_pos(n, n, self.rel_pos_w)
-        out = x.new_empty((B, D, H, W, E), dtype=q.dtype)
+        out = x.new_empty((B, D, H, W, E), dtype=qkv.dtype)
         # Windows along an axis are full except possibly the last one, so the windows sharing the same
-        # real extent per axis form a box of windows; each box is one batched SDPA call.
+        # real extent per axis form a box of windows; each box is one batched SDPA call. A box's real
+        # tokens are one contiguous block of the token grid: [d0 * n, d0 * n + (d1 - d0) * ed) along d, etc.
         for (d0, d1, ed), (h0, h1, eh), (w0, w1, ew) in _window_boxes((D, H, W), n, nwin):
-            qb = q[:, d0:d1, h0:h1, w0:w1]                    # (B, a, b, e, nh, n, n, n, c)
-            kb, vb = k[:, d0:d1, h0:h1, w0:w1], v[:, d0:d1, h0:h1, w0:w1]
-            lead = qb.shape[:5]
+            a, b, e = d1 - d0, h1 - h0, w1 - w0
+            region = (slice(None), slice(d0 * n, d0 * n + a * ed), slice(h0 * n, h0 * n + b * eh),
+                      slice(w0 * n, w0 * n + e * ew))
+            # (B, a*ed, b*eh, e*ew, 3E) -> (3, B, a, b, e, heads, ed, eh, ew, c)
+            q_real, k_real, v_real = (qkv[region].reshape(B, a, ed, b, eh, e, ew, 3, nh, c)
+                                      .permute(7, 0, 1, 3, 5, 8, 2, 4, 6, 9).unbind(0))
+            lead = q_real.shape[:5]
             m = ed * eh * ew
-            q_real = qb[..., :ed, :eh, :ew, :]                # real query rows only
-            k_keys = kb[..., :ed, :eh, :ew, :].reshape(-1, nh, m, c)
-            v_keys = vb[..., :ed, :eh, :ew, :].reshape(-1, nh, m, c)
+            k_keys = k_real.reshape(-1, nh, m, c)
+            v_keys = v_real.reshape(-1, nh, m, c)
             padded = m < n ** 3
             if padded:
-                # Every padding key / value is the qkv bias: they are folded into one extra key (the corner
-                # token, which is padding) whose logit bias is log sum_pad exp(rel-pos bias).
-                k_keys = torch.cat([k_keys, kb[..., n - 1, n - 1, n - 1, :].reshape(-1, nh, 1, c)], dim=2)
-                v_keys = torch.cat([v_keys, vb[..., n - 1, n - 1, n - 1, :].reshape(-1, nh, 1, c)], dim=2)
+                # Every padding key / value is the qkv bias: they are folded into one extra key whose
+                # logit bias is log sum_pad exp(rel-pos bias).
+                k_keys = torch.cat([k_keys, pad[1].view(1, nh, 1, c).expand(k_keys.shape[0], nh, 1, c)], dim=2)
+                v_keys = torch.cat([v_keys, pad[2].view(1, nh, 1, c).expand(v_keys.shape[0], nh, 1, c)], dim=2)
             mask = None
             if self.use_rel_pos:
-                mask = self._rel_pos_mask(q_real, qb[..., :ed, :eh, :, :], Rd[:ed], Rh[:eh], Rw)
+                q_rows = q_real                               # the rows over the whole window w axis
+                if ew < n:
+                    q_pad = pad[0].view(nh, 1, 1, 1, c).expand(*lead, ed, eh, n - ew, c)
+                    q_rows = torch.cat([q_real, q_pad], dim=-2)
+                mask = self._rel_pos_mask(q_real, q_rows, Rd[:ed], Rh[:eh], Rw)
                 mask = mask.reshape(-1, nh, m, m + padded)
             elif padded:
                 mask = q_real.new_zeros((1, m + 1))
@@ -272,8 +264,7 @@ class Attention(nn.Module):
             o = F.scaled_dot_product_attention(
                 q_real.reshape(-1, nh, m, c), k_keys, v_keys, attn_mask=mask, scale=self.scale)
             o = o.view(*lead, ed, eh, ew, c).permute(0, 1, 5, 2, 6, 3, 7, 4, 8)
-            out[:, d0 * n:d0 * n + (d1 - d0) * ed, h0 * n:h0 * n + (h1 - h0) * eh,
-                w0 * n:w0 * n + (w1 - w0) * ew] = o.reshape(B, (d1 - d0) * ed, (h1 - h0) * eh, (w1 - w0) * ew, E)
+            out[region] = o.reshape(B, a * ed, b * eh, e * ew, E)
         return self.proj(out)
 
     @staticmethod
@@ -303,10 +294,10 @@ class Attention(nn.Module):
             rel_d = torch.einsum("...dhwc,dkc->...dhwk", q_real.to(acc), Rd.to(acc))  # a: (..., ed, eh, ew, kw)
             rel_h = torch.einsum("...dhwc,hkc->...dhwk", q_rows.to(acc), Rh.to(acc))  # b: (..., ed, eh, kd, kw)
             rel_w = torch.einsum("...dhwc,wkc->...dhwk", q_rows.to(acc), Rw.to(acc))  # c: (..., ed, eh, kh, kw)
-            mask = (rel_d[..., None, None, :ew] + rel_h[..., None, :ed, None, :ew]
-                    + rel_w[..., None, None, :eh, :ew]).flatten(-3)
+            ab = rel_d[..., None, None, :ew] + rel_h[..., None, :ed, None, :ew]   # (..., ed, 1, ew): small
+            c = rel_w[..., None, None, :eh, :ew]
             if (ed, eh, ew) == (n, n, n):
-                return mask.to(q_real.dtype)
+                return (ab + c).flatten(-3).to(q_real.dtype)
             # log sums over kd (b) / kh (c) ranges per kw, (..., ed, eh, 1, n): the same for every query w
             b_lo = rel_h[..., :ed, :].logsumexp(-2, keepdim=True)
             c_lo = rel_w[..., :eh, :].logsumexp(-2, keepdim=True)
@@ -326,7 +317,13 @@ class Attention(nn.Module):
             if ew < n:                                # every (kd, kh) is padding at kw >= ew
                 terms.append(rel_d[..., ew:] + (b_all + c_all)[..., ew:])
             fold = torch.cat(terms, dim=-1).logsumexp(-1, keepdim=True)
-            mask = torch.cat([mask, fold], dim=-1)
+            if torch.is_grad_enabled() and (ab.requires_grad or c.requires_grad):
+                mask = torch.cat([(ab + c).flatten(-3), fold], dim=-1)
+            else:   # one buffer, written in place: no concatenation copy of the m x m block
+                m = ed * eh * ew
+                mask = fold.new_empty((*q_real.shape[:-1], m + 1))
+                torch.add(ab, c, out=mask[..., :m].unflatten(-1, (ed, eh, ew)))
+                mask[..., m:] = fold
         return mask.to(q_real.dtype)
 
 
