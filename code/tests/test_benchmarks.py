@@ -140,8 +140,10 @@ def test_step_compare_in_fresh_processes(la_root, tmp_path, monkeypatch):
 
 
 def test_step_rounds_pool_steps_and_ratios_need_comparable_settings(la_root):
+    # patch depth 48: at 32 a V-Net level has depth 2, where bf16 training is refused (training/amp_check.py)
     payload = bench_step.main(["--compare", "uamt", "sup:amp=bf16", "--in_process", "--rounds", "2",
-                               "--root_path", str(la_root), *TINY_STEP, *KEEP_MALLOC, "--steps", "1",
+                               "--root_path", str(la_root), *TINY_STEP, "--patch_size", "48", "32", "16",
+                               *KEEP_MALLOC, "--steps", "1",
                                "--uamt_passes", "2"])
     uamt, sup = payload["results"]
     assert uamt["rounds"] == 2 and uamt["step"]["n"] == 2 and len(uamt["loadavg"]) == 2

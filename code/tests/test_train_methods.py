@@ -145,8 +145,10 @@ def test_timed_sections_bf16_and_channels_last(setup, la_data_dir, tmp_path):
     """A plugged timer sees every section; the bf16 autocast, channels_last_3d and activation checkpointing
     paths train finitely."""
     timer = SectionTimer()
+    # patch depth 48 (run_args' 32 puts a V-Net level at depth 2, refused for bf16: training/amp_check.py);
+    # resample: a 48 patch does not fit the tiny SAM's 32^3 input
     args = run_args(la_data_dir, setup["train_list"], tmp_path, "amp", "--amp", "bf16", "--channels_last", "1",
-                    "--checkpoint_levels", "1", iters=2) + sam_args(setup["sams"][:1], setup["cfg_json"])
+                    "--checkpoint_levels", "1", "--patch_size", "48", "32", "16", "--geometry", "resample", iters=2) + sam_args(setup["sams"][:1], setup["cfg_json"])
     trainer = main({"specialist": "uamt", "generalist_term": "semisam"}, args, timer=timer)
     assert set(timer.summary()) == set(SECTIONS)
     assert timer.counts["student_forward"] == 2 and timer.counts["uncertainty"] == 2

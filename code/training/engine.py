@@ -52,6 +52,7 @@ from utils import ramps
 
 from training import distributed as D
 from training import state as S
+from training.amp_check import check_bf16_training
 from training.config import TrainConfig
 from training.methods import NoisyTeacher, UnlabeledInputs, build_method
 from training.outputs import RunOutput
@@ -141,6 +142,8 @@ class Trainer:
         channels_last = cfg.channels_last if cfg.channels_last is not None else self.device.type == "cpu"
         self.memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
         self.amp_dtype = torch.bfloat16 if cfg.amp == "bf16" else None
+        if self.amp_dtype is not None:
+            check_bf16_training(cfg.patch_size, self.device, self.memory_format)
 
         self.method = build_method(cfg)
         self.uses_unlabeled = self.method.specialist.needs_teacher or self.method.generalist_term.needs_generalist

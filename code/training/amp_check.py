@@ -1,0 +1,57 @@
+"""A probe for a platform defect of bfloat16 3-D convolutions, run before a ``--amp bf16`` training starts.
+
+On this project's CPU machine (AMD EPYC with AVX-512 bf16, no AMX; torch 2.13's oneDNN) the bfloat16
+weight gradient of a 3x3x3, padding-1 Conv3d is wrong (values up to 1e36, different on every call) whenever
+the input depth (first spatial axis) is exactly 2, while the forward pass, the input gradient and the other
+depths we tried (1, 3 to 8) are right. The V-Net halves the depth four times, so a patch depth of 16
+or 32 puts a level at depth 2 and bf16 training would silently follow garbage gradients. We probe the device
+once with a small convolution at each depth the patch will meet and refuse such runs with a clear message.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+
+# relative max error of a bf16 gradient against float32 that is still rounding (measured ~0.004)
+_TOLERANCE = 0.05
+
+
+def bf16_conv_weight_grad_ok(depth: int, device: torch.device | str = "cpu",
+                             memory_format: torch.memory_format = torch.contiguous_format,
+                             backward: Callable = torch.ops.aten.convolution_backward) -> bool:
+    """True when the bf16 weight gradient of a 16 -> 16 channel 3x3x3 conv on a (2, 16, depth, 6, 5) input
+    matches float32 to rounding, twice in a row (the defect returns uninitialised memory). ``backward`` is
+    ATen's convolution backward (replaceable in tests)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 16, depth, 6, 5, generator=g).to(device).contiguous(memory_format=memory_format)
+    grad = torch.randn(2, 16, depth, 6, 5, generator=g).to(device).contiguous(memory_format=memory_format)
+    w = (0.1 * torch.randn(16, 16, 3, 3, 3, generator=g)).to(device).contiguous(memory_format=memory_format)
+
+    def weight_grad(dtype: torch.dtype) -> torch.Tensor:
+        return backward(
+            grad.to(dtype), x.to(dtype), w.to(dtype), [16], [1, 1, 1], [1, 1, 1], [1, 1, 1], False, [0, 0, 0], 1,
+            [False, True, False])[1].float()
+
+    ref = weight_grad(torch.float32)
+    scale = ref.abs().max()
+    return all(bool(((weight_grad(torch.bfloat16) - ref).abs().max() <= _TOLERANCE * scale).item())
+               for _ in range(2))
+
+
+def vnet_level_depths(patch_depth: int, levels: int = 5) -> list[int]:
+    """Input depths the V-Net's 3x3x3 convolutions see: patch_depth / 2**k for k = 0..levels-1."""
+    return [patch_depth // 2 ** k for k in range(levels)]
+
+
+def check_bf16_training(patch_size: Iterable[int], device: torch.device,
+                        memory_format: torch.memory_format = torch.contiguous_format) -> None:
+    """Raise ValueError when a bf16 V-Net training at ``patch_size`` would hit the defect on ``device``."""
+    patch = tuple(int(s) for s in patch_size)
+    for level, depth in enumerate(vnet_level_depths(patch[0])):
+        if not bf16_conv_weight_grad_ok(depth, device, memory_format):
+            raise ValueError(
+                f"--amp bf16 is unsafe here: this device's bfloat16 3-D convolution ({device}) returns wrong "
+                f"weight gradients for inputs of depth {depth}, which V-Net level {level} of patch_size {patch} "
+                f"has (a oneDNN defect, see training/amp_check.py). Use a patch depth whose levels avoid "
+                f"{depth} (e.g. 48, 64, 80, 112 or 128) or --amp none.")
