@@ -81,6 +81,26 @@ def test_sliding_window_matches_official_loop(small_net, shape):
     np.testing.assert_array_equal(label1, label)
 
 
+class _ConstantLogits(torch.nn.Module):
+    """Logits that depend only on the voxel's x index: class scores tie at even x, class 2 wins at odd x."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))   # a parameter, so the device check has one to read
+
+    def forward(self, x):
+        b, _, X, Y, Z = x.shape
+        odd = (torch.arange(X) % 2).float().view(1, X, 1, 1).expand(b, X, Y, Z)
+        return torch.stack([torch.zeros_like(odd), torch.zeros_like(odd), odd], dim=1) + 0 * self.w
+
+
+def test_label_map_takes_the_first_class_on_ties_like_argmax():
+    image = np.zeros((20, 18, 10), np.float32)
+    label, score = sliding_window_predict(_ConstantLogits(), image, (16, 16, 8), 4, 2, num_classes=3)
+    np.testing.assert_array_equal(label, np.argmax(score, axis=0))
+    assert (label[0::2] == 0).all() and (label[1::2] == 2).all()
+
+
 def test_sliding_window_modes_devices_and_amp(small_net):
     image = np.random.default_rng(1).normal(size=(40, 36, 20)).astype(np.float32)
     small_net.train()
