@@ -186,6 +186,7 @@ def run_config(spec: dict) -> dict:
                     torch.cuda.reset_peak_memory_stats(device)
             timer.reset()
             C.synchronize(device)
+            usage = C.fault_counters()
             start, start_cpu = time.perf_counter(), time.process_time()
             with timer("data"):
                 batch = next(batches)
@@ -194,9 +195,10 @@ def run_config(spec: dict) -> dict:
             total, total_cpu = time.perf_counter() - start, time.process_time() - start_cpu
             if i >= warmup:
                 wall, cpu = timer.totals()
+                faults, preempted = (after - before for after, before in zip(C.fault_counters(), usage))
                 records.append({"total": total, "sections": _derived_sections(total, wall),
                                 "cpu_total": total_cpu, "cpu_sections": _derived_sections(total_cpu, cpu),
-                                "loss": result.loss})
+                                "loss": result.loss, "minor_faults": faults, "involuntary_switches": preempted})
     finally:
         del batches
         for h in handles:
@@ -236,6 +238,8 @@ def summarize(rounds: list[dict]) -> dict:
         sections={n: C.spread([r["sections"].get(n, 0.0) for r in steps]) for n in names},
         cpu_step=C.spread([r["cpu_total"] for r in steps]),
         cpu_sections={n: C.spread([r["cpu_sections"].get(n, 0.0) for r in steps]) for n in names},
+        minor_faults=C.spread([r.get("minor_faults", 0) for r in steps]),
+        involuntary_switches=C.spread([r.get("involuntary_switches", 0) for r in steps]),
         losses=[r["loss"] for r in steps], per_step=steps, memory=memory,
         loadavg=[run["loadavg"] for run in rounds])
     return out
@@ -323,6 +327,10 @@ def summary_table(results: list[dict]) -> str:
         ["ratio within process (to)"] + [_within_cell(rel[r["label"]]) for r in results],
         ["peak RSS (process)"] + [C.fmt_gib(r["memory"]["peak_rss_process"]) for r in results],
         ["peak RSS (steps)"] + [C.fmt_gib(r["memory"].get("peak_rss_steps")) for r in results],
+        # page faults after the warm-up mean fresh memory every step (allocator churn); involuntary context
+        # switches mean other processes took our cores (a shared machine)
+        ["page faults / preemptions per step (median)"] + [
+            f"{r['minor_faults']['median']:.0f} / {r['involuntary_switches']['median']:.0f}" for r in results],
     ]
     if any("cuda_peak_allocated" in r["memory"] for r in results):
         rows.append(["CUDA peak allocated"] + [C.fmt_gib(r["memory"].get("cuda_peak_allocated")) for r in results])

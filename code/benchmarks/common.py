@@ -166,6 +166,16 @@ def _status_kib(field: str) -> Optional[int]:
     return None
 
 
+def fault_counters() -> tuple[int, int]:
+    """(minor page faults, involuntary context switches) of this process so far (getrusage; zeros elsewhere)."""
+    try:
+        import resource
+    except ImportError:         # not on POSIX
+        return 0, 0
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return int(usage.ru_minflt), int(usage.ru_nivcsw)
+
+
 def process_peak_rss() -> int:
     """Peak resident set size of this process so far, bytes (``getrusage`` ru_maxrss; KiB on Linux)."""
     import resource

@@ -136,6 +136,9 @@ def test_step_compare_in_fresh_processes(la_root, tmp_path, monkeypatch):
     assert gen["generalist.encoder"]["median"] > 0 and gen["generalist.decoder"]["median"] > 0
     for step in sam["per_step"]:
         assert step["sections"]["generalist.other"] >= 0     # the hooked parts lie inside 'generalist'
+        assert isinstance(step["minor_faults"], int) and step["minor_faults"] >= 0
+        assert isinstance(step["involuntary_switches"], int) and step["involuntary_switches"] >= 0
+    assert sam["minor_faults"]["n"] == len(sam["per_step"])
     assert sam["generalist_weights"].startswith("random")
 
 
