@@ -53,5 +53,5 @@ def check_bf16_training(patch_size: Iterable[int], device: torch.device,
             raise ValueError(
                 f"--amp bf16 is unsafe here: this device's bfloat16 3-D convolution ({device}) returns wrong "
                 f"weight gradients for inputs of depth {depth}, which V-Net level {level} of patch_size {patch} "
-                f"has (a oneDNN defect, see training/amp_check.py). Use a patch depth whose levels avoid "
+                f"has (a convolution-kernel defect; see training/amp_check.py). Use a patch depth whose levels avoid "
                 f"{depth} (e.g. 48, 64, 80, 112 or 128) or --amp none.")
