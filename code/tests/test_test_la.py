@@ -13,8 +13,8 @@ import torch.nn.functional as F
 import test_LA
 from dataloaders.la_heart import load_case
 from networks.vnet import VNet
-from utils.inference import (CheckpointError, fold_batchnorm, largest_connected_component, load_specialist,
-                             sliding_window_predict, window_starts)
+from utils.inference import (CheckpointError, can_fuse_conv_relu, fold_batchnorm, fuse_conv_relu,
+                             largest_connected_component, load_specialist, sliding_window_predict, window_starts)
 from utils.metrics import calculate_metric_percase
 
 
@@ -92,6 +92,26 @@ class _ConstantLogits(torch.nn.Module):
         b, _, X, Y, Z = x.shape
         odd = (torch.arange(X) % 2).float().view(1, X, 1, 1).expand(b, X, Y, Z)
         return torch.stack([torch.zeros_like(odd), torch.zeros_like(odd), odd], dim=1) + 0 * self.w
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fused_conv_relu_copy_is_bit_identical_to_autocast(small_net, channels_last):
+    # what sliding_window_predict runs on CPU: the folded copy, converted to the autocast dtype, with every
+    # conv + ReLU as one oneDNN call; it must compute exactly what autocast on the folded copy computes
+    assert can_fuse_conv_relu()          # the pinned CPU wheel has oneDNN's fused ops
+    fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
+    x = torch.randn(2, 1, 32, 32, 16, generator=torch.Generator().manual_seed(3)).contiguous(memory_format=fmt)
+    folded = fold_batchnorm(small_net).to(memory_format=fmt)
+    with torch.inference_mode():
+        fused32 = fuse_conv_relu(fold_batchnorm(small_net).to(memory_format=fmt))
+        assert torch.equal(fused32(x), folded(x))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ref = folded(x)
+        fused16 = fuse_conv_relu(fold_batchnorm(small_net).to(torch.bfloat16).to(memory_format=fmt))
+        assert torch.equal(fused16(x.to(torch.bfloat16)), ref)
+    n_fused = sum(type(m).__name__ == "_ConvReLU" for m in fused32.modules())
+    assert n_fused == sum(isinstance(m, (torch.nn.Conv3d, torch.nn.ConvTranspose3d)) for m in small_net.modules()) - 1
+    assert not any(isinstance(m, torch.nn.ReLU) for m in fused32.modules())   # only out_conv stays unfused
 
 
 def test_label_map_takes_the_first_class_on_ties_like_argmax():

@@ -104,6 +104,50 @@ def fold_batchnorm(net: torch.nn.Module) -> torch.nn.Module:
     return folded
 
 
+class _ConvReLU(torch.nn.Module):
+    """A Conv3d / ConvTranspose3d and the ReLU after it as one oneDNN call (ReLU post-op); same state-dict keys
+    under ``conv``. (B, C, X, Y, Z) -> (B, C', X', Y', Z'), CPU only, no autocast (the weights' dtype rules)."""
+
+    def __init__(self, conv: torch.nn.Module):
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.conv
+        if isinstance(c, torch.nn.ConvTranspose3d):
+            return torch.ops.mkldnn._convolution_transpose_pointwise(
+                x, c.weight, c.bias, list(c.padding), list(c.output_padding), list(c.stride), list(c.dilation),
+                c.groups, "relu", [], "")
+        return torch.ops.mkldnn._convolution_pointwise(
+            x, c.weight, c.bias, list(c.padding), list(c.stride), list(c.dilation), c.groups, "relu", [], "")
+
+
+def can_fuse_conv_relu() -> bool:
+    """True when this torch build has oneDNN's fused convolution + ReLU ops (CPU)."""
+    ops = torch.ops.mkldnn
+    return (torch.backends.mkldnn.is_available() and hasattr(ops, "_convolution_pointwise")
+            and hasattr(ops, "_convolution_transpose_pointwise"))
+
+
+def fuse_conv_relu(net: torch.nn.Module) -> torch.nn.Module:
+    """In place: in every ``Sequential``, a Conv3d / ConvTranspose3d followed by a ReLU (with an Identity left
+    by :func:`fold_batchnorm` in between, or not) becomes one :class:`_ConvReLU`; the ReLU slot becomes an
+    Identity. Bit-identical outputs on CPU (tested); measured on the project's CPU, a V-Net forward of 4
+    windows 112x112x80 was 1-3 % (fp32) and 5-6 % (bf16) faster. For eval-mode copies used without autocast
+    (the fused ops do not autocast: convert the copy to the wanted dtype instead). Returns ``net``."""
+    for seq in net.modules():
+        if not isinstance(seq, torch.nn.Sequential):
+            continue
+        for i in range(len(seq) - 1):
+            if not isinstance(seq[i], (torch.nn.Conv3d, torch.nn.ConvTranspose3d)):
+                continue
+            j = i + 2 if isinstance(seq[i + 1], torch.nn.Identity) and i + 2 < len(seq) else i + 1
+            if isinstance(seq[j], torch.nn.ReLU):
+                seq[i] = _ConvReLU(seq[i])
+                seq[j] = torch.nn.Identity()
+    return net
+
+
 @contextmanager
 def _memory_format(net: torch.nn.Module, channels_last: bool):
     """Run ``net`` in channels_last_3d (or contiguous) layout, restoring its parameters' layout afterwards."""
@@ -173,13 +217,19 @@ def sliding_window_predict(net: torch.nn.Module, image, patch_size=(112, 112, 80
     net.eval()
     try:
         run = fold_batchnorm(net) if fold_bn else net
+        # The folded copy is ours: on CPU its conv + ReLU pairs become single oneDNN calls, which do not
+        # autocast, so the copy is converted to the autocast dtype instead; it then computes what autocast
+        # would (the V-Net's convolutions in that dtype, everything else in their inputs' dtype), bit for bit.
+        fused = fold_bn and device.type == "cpu" and can_fuse_conv_relu()
+        if fused:
+            run = fuse_conv_relu(run.to(amp_dtype) if amp_dtype is not None else run)
         with torch.inference_mode(), _memory_format(run, channels_last) as fmt:
             for first in range(0, len(starts), window_batch):
                 chunk = starts[first:first + window_batch]
                 batch = torch.stack([volume[x:x + px, y:y + py, z:z + pz] for x, y, z in chunk]).unsqueeze(1)
                 batch = batch.contiguous(memory_format=fmt)
-                with _autocast(device, amp_dtype):
-                    logits = run(batch)
+                with _autocast(device, None if fused else amp_dtype):
+                    logits = run(batch.to(amp_dtype) if fused and amp_dtype is not None else batch)
                 if logits.shape[1] != num_classes:
                     raise ValueError(f"the network outputs {logits.shape[1]} classes but num_classes={num_classes}")
                 probs = torch.softmax(logits.float(), dim=1)
