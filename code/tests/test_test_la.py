@@ -114,6 +114,20 @@ def test_fused_conv_relu_copy_is_bit_identical_to_autocast(small_net, channels_l
     assert not any(isinstance(m, torch.nn.ReLU) for m in fused32.modules())   # only out_conv stays unfused
 
 
+@pytest.mark.parametrize("normalization", ["none", "groupnorm", "instancenorm"])
+def test_fused_conv_relu_leaves_other_norms_alone(normalization):
+    # only a conv directly followed by a ReLU (or by a folded BatchNorm's Identity and a ReLU) is fused
+    torch.manual_seed(4)
+    net = fold_batchnorm(VNet(n_filters=16, normalization=normalization).eval())
+    x = torch.randn(1, 1, 32, 32, 16)
+    with torch.inference_mode():
+        ref = net(x)
+        fused = fuse_conv_relu(net)
+        n_fused = sum(type(m).__name__ == "_ConvReLU" for m in fused.modules())
+        assert n_fused == (29 if normalization == "none" else 0)   # 21 block convs + 4 down + 4 up
+        assert torch.equal(fused(x), ref)
+
+
 def test_label_map_takes_the_first_class_on_ties_like_argmax():
     image = np.zeros((20, 18, 10), np.float32)
     label, score = sliding_window_predict(_ConstantLogits(), image, (16, 16, 8), 4, 2, num_classes=3)
