@@ -95,20 +95,24 @@ class _ConstantLogits(torch.nn.Module):
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_fused_conv_relu_copy_is_bit_identical_to_autocast(small_net, channels_last):
+def test_fused_conv_relu_copy_matches_autocast(small_net, channels_last):
     # what sliding_window_predict runs on CPU: the folded copy, converted to the autocast dtype, with every
-    # conv + ReLU as one oneDNN call; it must compute exactly what autocast on the folded copy computes
+    # conv + ReLU as one oneDNN call; it must compute what autocast on the folded copy computes. oneDNN may pick
+    # another kernel for the fused op (on the project's CPU: identical at 112x112x80 windows, 1-2 ulp apart at
+    # 32x32x16), so the comparison allows float rounding: 1e-6 in fp32, one bf16 step in bf16.
     assert can_fuse_conv_relu()          # the pinned CPU wheel has oneDNN's fused ops
     fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
     x = torch.randn(2, 1, 32, 32, 16, generator=torch.Generator().manual_seed(3)).contiguous(memory_format=fmt)
     folded = fold_batchnorm(small_net).to(memory_format=fmt)
     with torch.inference_mode():
         fused32 = fuse_conv_relu(fold_batchnorm(small_net).to(memory_format=fmt))
-        assert torch.equal(fused32(x), folded(x))
+        torch.testing.assert_close(fused32(x), folded(x), rtol=0, atol=1e-6)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             ref = folded(x)
         fused16 = fuse_conv_relu(fold_batchnorm(small_net).to(torch.bfloat16).to(memory_format=fmt))
-        assert torch.equal(fused16(x.to(torch.bfloat16)), ref)
+        out16 = fused16(x.to(torch.bfloat16))
+        assert out16.dtype == ref.dtype == torch.bfloat16
+        torch.testing.assert_close(out16.float(), ref.float(), rtol=2 ** -7, atol=2 ** -7 * ref.float().abs().max())
     n_fused = sum(type(m).__name__ == "_ConvReLU" for m in fused32.modules())
     assert n_fused == sum(isinstance(m, (torch.nn.Conv3d, torch.nn.ConvTranspose3d)) for m in small_net.modules()) - 1
     assert not any(isinstance(m, torch.nn.ReLU) for m in fused32.modules())   # only out_conv stays unfused
@@ -125,7 +129,7 @@ def test_fused_conv_relu_leaves_other_norms_alone(normalization):
         fused = fuse_conv_relu(net)
         n_fused = sum(type(m).__name__ == "_ConvReLU" for m in fused.modules())
         assert n_fused == (29 if normalization == "none" else 0)   # 21 block convs + 4 down + 4 up
-        assert torch.equal(fused(x), ref)
+        torch.testing.assert_close(fused(x), ref, rtol=0, atol=1e-6)
 
 
 def test_label_map_takes_the_first_class_on_ties_like_argmax():

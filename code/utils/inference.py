@@ -132,9 +132,11 @@ def can_fuse_conv_relu() -> bool:
 def fuse_conv_relu(net: torch.nn.Module) -> torch.nn.Module:
     """In place: in every ``Sequential``, a Conv3d / ConvTranspose3d followed by a ReLU (with an Identity left
     by :func:`fold_batchnorm` in between, or not) becomes one :class:`_ConvReLU`; the ReLU slot becomes an
-    Identity. Bit-identical outputs on CPU (tested); measured on the project's CPU, a V-Net forward of 4
-    windows 112x112x80 was 1-3 % (fp32) and 5-6 % (bf16) faster. For eval-mode copies used without autocast
-    (the fused ops do not autocast: convert the copy to the wanted dtype instead). Returns ``net``."""
+    Identity. The same outputs up to float rounding: oneDNN may choose another kernel for the fused op (on the
+    project's CPU bit-identical for 112x112x80 windows, 1-2 ulp apart at 32x32x16; tested to 1e-6). A V-Net
+    forward of 4 windows 112x112x80 was 1-3 % (fp32) and 5-6 % (bf16) faster. For eval-mode copies used
+    without autocast (the fused ops do not autocast: convert the copy to the wanted dtype instead).
+    Returns ``net``."""
     for seq in net.modules():
         if not isinstance(seq, torch.nn.Sequential):
             continue
@@ -187,7 +189,7 @@ def sliding_window_predict(net: torch.nn.Module, image, patch_size=(112, 112, 80
             (bf16) faster forwards.
         fold_bn: run a copy of the net with its eval-mode BatchNorm folded into the convolutions
             (``fold_batchnorm``: same scores up to rounding, ~10 % faster) and, on CPU, each conv + ReLU as
-            one oneDNN call (``fuse_conv_relu``: bit-identical, another 6-7 %).
+            one oneDNN call (``fuse_conv_relu``: same scores up to rounding, another 6-7 %).
 
     Returns:
         label_map np.uint8 (X, Y, Z): argmax of the averaged probabilities (first class on ties);
@@ -220,7 +222,8 @@ def sliding_window_predict(net: torch.nn.Module, image, patch_size=(112, 112, 80
         run = fold_batchnorm(net) if fold_bn else net
         # The folded copy is ours: on CPU its conv + ReLU pairs become single oneDNN calls, which do not
         # autocast, so the copy is converted to the autocast dtype instead; it then computes what autocast
-        # would (the V-Net's convolutions in that dtype, everything else in their inputs' dtype), bit for bit.
+        # would (the V-Net's convolutions in that dtype, everything else in their inputs' dtype), up to the
+        # rounding of the fused kernels (bit for bit for LA-sized windows on the project's CPU).
         fused = fold_bn and device.type == "cpu" and can_fuse_conv_relu()
         if fused:
             run = fuse_conv_relu(run.to(amp_dtype) if amp_dtype is not None else run)
