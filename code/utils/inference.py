@@ -105,8 +105,9 @@ def fold_batchnorm(net: torch.nn.Module) -> torch.nn.Module:
 
 
 class _ConvReLU(torch.nn.Module):
-    """A Conv3d / ConvTranspose3d and the ReLU after it as one oneDNN call (ReLU post-op); same state-dict keys
-    under ``conv``. (B, C, X, Y, Z) -> (B, C', X', Y', Z'), CPU only, no autocast (the weights' dtype rules)."""
+    """A Conv3d / ConvTranspose3d and the ReLU after it as one oneDNN call (ReLU post-op), for inference copies
+    only (the wrapped conv's keys gain a ``.conv``). (B, C, X, Y, Z) -> (B, C', X', Y', Z'), CPU only, no
+    autocast (the weights' dtype rules)."""
 
     def __init__(self, conv: torch.nn.Module):
         super().__init__()
@@ -225,15 +226,17 @@ def sliding_window_predict(net: torch.nn.Module, image, patch_size=(112, 112, 80
         # would (the V-Net's convolutions in that dtype, everything else in their inputs' dtype), up to the
         # rounding of the fused kernels (bit for bit for LA-sized windows on the project's CPU).
         fused = fold_bn and device.type == "cpu" and can_fuse_conv_relu()
+        input_dtype = amp_dtype if fused else None        # None: the windows stay float32
+        autocast_dtype = None if fused else amp_dtype
         if fused:
-            run = fuse_conv_relu(run.to(amp_dtype) if amp_dtype is not None else run)
+            run = fuse_conv_relu(run.to(input_dtype) if input_dtype is not None else run)
         with torch.inference_mode(), _memory_format(run, channels_last) as fmt:
             for first in range(0, len(starts), window_batch):
                 chunk = starts[first:first + window_batch]
                 batch = torch.stack([volume[x:x + px, y:y + py, z:z + pz] for x, y, z in chunk]).unsqueeze(1)
                 batch = batch.contiguous(memory_format=fmt)
-                with _autocast(device, None if fused else amp_dtype):
-                    logits = run(batch.to(amp_dtype) if fused and amp_dtype is not None else batch)
+                with _autocast(device, autocast_dtype):
+                    logits = run(batch if input_dtype is None else batch.to(input_dtype))
                 if logits.shape[1] != num_classes:
                     raise ValueError(f"the network outputs {logits.shape[1]} classes but num_classes={num_classes}")
                 probs = torch.softmax(logits.float(), dim=1)
