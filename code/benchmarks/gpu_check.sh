@@ -1,21 +1,25 @@
 #!/usr/bin/env bash
-# GPU benchmark pass at paper settings (a few minutes on one H100/H200-class GPU); JSON under results/gpu/.
+# GPU pass at paper settings (about 8 minutes on one H100-class GPU): end-to-end smoke, then the benchmarks.
 #
-#   bash code/benchmarks/gpu_check.sh [--root_path LA_ROOT | --synthetic] [--out DIR] [--quick]
+#   bash code/benchmarks/gpu_check.sh [--root_path LA_ROOT | --synthetic] [--out DIR] [--quick] [--only S,S]
 #
-# Needs python3 with torch (CUDA), numpy, scipy, h5py and tqdm -- no network, no tensorboardX (the benchmarks
-# build the Trainer with a silent RunOutput). Data: --root_path, else $LA_DATA_ROOT, else LA-sized phantoms
-# written on the fly (--synthetic, also the automatic fallback). Generalists are RANDOM-weight vit_b_ori
-# (timing only). Training steps load data with 4 DataLoader workers (as training does), so 'data' is the wait
-# for a batch, not its loading cost. Writes into --out (default <repo>/results/gpu):
-#   step_fp32.json   MT, UA-MT, SemiSAM (point, 10 clicks) at 112x112x80, batch 4 (2 labeled), fp32
-#   step_bf16.json   the same under bf16 autocast, plus MT fp32 as the in-run baseline
-#   step_128.json    MT and SemiSAM at the SemiSAM script's 128^3 patch, fp32 and bf16
-#   step_128_layout_memory.json  channels_last on CUDA (off by default there until measured) and SemiSAM's
-#                    CUDA peak memory with --checkpoint_levels 2, at 128^3
-#   encoder.json     vit_b_ori image encoder fast vs reference, fp32 and bf16, batch 2; generalist branch fp32 vs bf16
-#   inference.json   sliding-window inference of one volume (112x112x80, stride 18/4) fp32 vs bf16
-#   gpu_check.log    everything printed
+# Needs python3 with torch (CUDA), numpy, scipy, h5py and tqdm -- no network; the smoke stage's test_LA.py also
+# needs nibabel (carry it as a wheel). Data: --root_path, else $LA_DATA_ROOT, else LA-sized phantoms written on
+# the fly (--synthetic, also the automatic fallback). Generalists are RANDOM-weight vit_b_ori (timing only).
+# Training steps load data with 4 DataLoader workers (as training does), so 'data' is the wait for a batch,
+# not its loading cost. Stages, in this order (most wanted first, so a cut-short run keeps them), each writing
+# into --out (default <repo>/results/gpu):
+#   smoke    smoke.json: train/resume/bf16/UA-MT/DDP(1 rank)/test_LA.py end to end on CUDA (gpu_smoke.py)
+#   step128  step_128.json: MT and SemiSAM at the SemiSAM script's 128^3 patch, fp32 and bf16
+#   infer    inference.json: sliding-window inference of one volume (112x112x80, stride 18/4) fp32 vs bf16
+#   encoder  encoder.json: vit_b_ori image encoder fast vs reference, fp32 and bf16, batch 2; generalist
+#            branch fp32 vs bf16
+#   step     step_fp32.json: MT, UA-MT, SemiSAM (point, 10 clicks) at 112x112x80, batch 4 (2 labeled), fp32
+#   stepbf16 step_bf16.json: the same under bf16 autocast, plus MT fp32 as the in-run baseline
+#   layout   step_128_layout_memory.json: channels_last on CUDA (off by default there until measured) and
+#            SemiSAM's CUDA peak memory with --checkpoint_levels 2, at 128^3
+# and gpu_check.log (everything printed). A failing stage does not stop the others; the exit status is 1 when
+# any failed, and the log's last line names them. --only runs the named stages (e.g. to redo a failed one).
 # GPU_CHECK_DRY_RUN=1 prints the commands without running them (the tests check them against the parsers).
 set -euo pipefail
 
@@ -23,15 +27,17 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 code_dir="$(dirname "$here")"
 results="$(dirname "$code_dir")/results/gpu"
 data=()
-steps=10
+steps=8
 warmup=3
+only=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --root_path) data=(--root_path "$2"); shift 2 ;;
     --synthetic) data=(--synthetic); shift ;;
     --out) results="$2"; shift 2 ;;
     --quick) steps=3; warmup=1; shift ;;
-    -h|--help) sed -n '2,19p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    --only) only=",$2,"; shift 2 ;;
+    -h|--help) sed -n '2,25p' "${BASH_SOURCE[0]}"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -45,9 +51,17 @@ fi
 dry="${GPU_CHECK_DRY_RUN:-}"
 py="${PYTHON:-python3}"
 
+failed=()
+# run STAGE CMD...: CMD unless --only leaves STAGE out; a failure is recorded, not fatal
 run() {
+  local stage="$1"; shift
+  if [ -n "$only" ] && [[ "$only" != *",$stage,"* ]]; then return 0; fi
   echo "+ $*"
-  if [ -z "$dry" ]; then "$@"; fi
+  if [ -z "$dry" ]; then
+    local t0=$SECONDS
+    "$@" || failed+=("$stage")
+    echo "gpu_check.sh: stage $stage took $((SECONDS - t0)) s"
+  fi
 }
 
 cd "$code_dir"
@@ -68,15 +82,20 @@ EOF
 fi
 
 common=(--device cuda --steps "$steps" --warmup "$warmup" --num_workers 4 "${data[@]}")
-run "$py" benchmarks/bench_step.py --compare mt uamt semisam "${common[@]}" --json "$results/step_fp32.json"
-run "$py" benchmarks/bench_step.py --compare mt mt:amp=bf16 uamt:amp=bf16 semisam:amp=bf16 "${common[@]}" \
-    --json "$results/step_bf16.json"
-run "$py" benchmarks/bench_step.py --compare mt semisam mt:amp=bf16 semisam:amp=bf16 "${common[@]}" \
+run smoke "$py" benchmarks/gpu_smoke.py --device cuda --ddp "${data[@]}" --json "$results/smoke.json"
+run step128 "$py" benchmarks/bench_step.py --compare mt semisam mt:amp=bf16 semisam:amp=bf16 "${common[@]}" \
     --patch_size 128 128 128 --json "$results/step_128.json"
-run "$py" benchmarks/bench_step.py --compare mt mt:channels_last=1 mt:amp=bf16 mt:amp=bf16:channels_last=1 \
+run infer "$py" benchmarks/bench_inference.py --device cuda --repeats 3 "${data[@]}" --json "$results/inference.json"
+run encoder "$py" benchmarks/bench_encoder.py --device cuda --batch 2 --steps "$steps" --warmup "$warmup" --branch \
+    "${data[@]}" --json "$results/encoder.json"
+run step "$py" benchmarks/bench_step.py --compare mt uamt semisam "${common[@]}" --json "$results/step_fp32.json"
+run stepbf16 "$py" benchmarks/bench_step.py --compare mt mt:amp=bf16 uamt:amp=bf16 semisam:amp=bf16 "${common[@]}" \
+    --json "$results/step_bf16.json"
+run layout "$py" benchmarks/bench_step.py --compare mt mt:channels_last=1 mt:amp=bf16 mt:amp=bf16:channels_last=1 \
     semisam:checkpoint_levels=2 semisam:amp=bf16:checkpoint_levels=2 "${common[@]}" --patch_size 128 128 128 \
     --json "$results/step_128_layout_memory.json"
-run "$py" benchmarks/bench_encoder.py --device cuda --batch 2 --steps "$steps" --warmup "$warmup" --branch \
-    "${data[@]}" --json "$results/encoder.json"
-run "$py" benchmarks/bench_inference.py --device cuda --repeats 3 "${data[@]}" --json "$results/inference.json"
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "gpu_check.sh: FAILED stages: ${failed[*]}; results in $results"
+  exit 1
+fi
 echo "gpu_check.sh: done; results in $results"

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import bench_encoder, bench_inference, bench_step
+from benchmarks import bench_encoder, bench_inference, bench_step, gpu_smoke
 from benchmarks import common as C
 
 BENCH_DIR = Path(bench_step.__file__).resolve().parent
@@ -213,16 +213,20 @@ def test_random_vnet_batchnorm_statistics_come_from_the_volume():
 
 
 # ------------------------------------------------------------------------------------------ gpu_check.sh
-def test_gpu_check_commands_parse(tmp_path):
-    from training.config import build_parser as training_parser
+def _gpu_check_commands(tmp_path, *extra):
     env = dict(os.environ, GPU_CHECK_DRY_RUN="1")
-    proc = subprocess.run(["bash", str(BENCH_DIR / "gpu_check.sh"), "--synthetic", "--out", str(tmp_path)],
+    proc = subprocess.run(["bash", str(BENCH_DIR / "gpu_check.sh"), "--synthetic", "--out", str(tmp_path), *extra],
                           env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    commands = [line[2:].split() for line in proc.stdout.splitlines() if line.startswith("+ ")]
+    return [line[2:].split() for line in proc.stdout.splitlines() if line.startswith("+ ")]
+
+
+def test_gpu_check_commands_parse(tmp_path):
+    from training.config import build_parser as training_parser
+    commands = _gpu_check_commands(tmp_path)
     scripts = [next(a for a in cmd if a.startswith("benchmarks/")) for cmd in commands]
-    assert scripts == ["benchmarks/bench_step.py"] * 4 + ["benchmarks/bench_encoder.py",
-                                                          "benchmarks/bench_inference.py"]
+    assert scripts == (["benchmarks/gpu_smoke.py", "benchmarks/bench_step.py", "benchmarks/bench_inference.py",
+                        "benchmarks/bench_encoder.py"] + ["benchmarks/bench_step.py"] * 3)
     for cmd, script in zip(commands, scripts):
         argv = cmd[cmd.index(script) + 1:]
         assert "--synthetic" in argv and "cuda" in argv
@@ -232,11 +236,34 @@ def test_gpu_check_commands_parse(tmp_path):
                 method, extra = bench_step.parse_entry(entry)
                 training_parser(bench_step.method_preset(method)[0]).parse_args(train_argv + extra)
         else:
-            module = bench_encoder if script.endswith("bench_encoder.py") else bench_inference
+            module = {"bench_encoder.py": bench_encoder, "bench_inference.py": bench_inference,
+                      "gpu_smoke.py": gpu_smoke}[Path(script).name]
             module.build_parser().parse_args(argv)
-    bad = subprocess.run(["bash", str(BENCH_DIR / "gpu_check.sh"), "--bogus"], env=env, capture_output=True,
-                         text=True, timeout=60)
+    # --only picks stages (to redo a failed one) and keeps their order
+    only = _gpu_check_commands(tmp_path, "--only", "encoder,smoke")
+    assert [next(a for a in cmd if a.startswith("benchmarks/")) for cmd in only] == [
+        "benchmarks/gpu_smoke.py", "benchmarks/bench_encoder.py"]
+    bad = subprocess.run(["bash", str(BENCH_DIR / "gpu_check.sh"), "--bogus"],
+                         env=dict(os.environ, GPU_CHECK_DRY_RUN="1"),
+                         capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "unknown argument '--bogus'" in bad.stderr
+
+
+def test_gpu_smoke_runs_the_scripts_end_to_end(tmp_path):
+    # the GPU machine's end-to-end check, on CPU at its tiny settings: every script runs, a resumed run ends
+    # where the uninterrupted one does (bit for bit on CPU), test_LA reports metrics for fp32 and bf16
+    out = gpu_smoke.main(["--device", "cpu", "--synthetic", "--quick", "--iterations", "2", "--test_cases", "1",
+                          "--num_workers", "0", "--work", str(tmp_path / "work"), "--json", str(tmp_path / "s.json")])
+    assert out["failed"] == [] and json.loads((tmp_path / "s.json").read_text())["failed"] == []
+    assert set(out["steps"]) == {"semisam_fp32", "semisam_resumed", "semisam_resumed_part2", "semisam_bf16",
+                                 "uamt_fp32", "test_none", "test_bf16"}
+    assert out["steps"]["semisam_resumed_part2"]["max_abs_diff_to_uninterrupted"] == 0.0
+    for amp in ("none", "bf16"):
+        mean = out["test_metrics"][amp]["mean"]
+        assert set(mean) == {"dice", "jaccard", "hd95", "asd"} and 0.0 <= mean["dice"] <= 1.0
+        assert out["test_metrics"][amp]["distance_unit"] == "mm"
+    failing = gpu_smoke._run([sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"], timeout=60)
+    assert failing["rc"] == 3 and "boom" in failing["tail"]
 
 
 def test_script_runs_from_code_dir():

@@ -1,0 +1,168 @@
+"""End-to-end check of the training and test scripts on one device (CUDA by default), for a lent GPU machine.
+
+    python benchmarks/gpu_smoke.py --root_path LA_ROOT --json ../results/gpu/smoke.json
+    python benchmarks/gpu_smoke.py --synthetic --device cpu --quick      # tiny settings (what the test runs)
+
+The unit tests run on CPU only; this drives the real entry scripts, each in its own process, on the device:
+
+1. ``train_LA_semisam_mt.py`` for N iterations (fp32), writing ``iter_N.pth``;
+2. the same run stopped after N/2 iterations (the hidden ``--stop_after``, as a killed run) and continued
+   with ``--resume``: its ``iter_N.pth`` is compared with 1's (max |difference| over the state dict;
+   0 when the device's kernels are deterministic);
+3. ``train_LA_semisam_mt.py --amp bf16`` for N iterations;
+4. ``train_LA_uamt.py`` for N iterations;
+5. with ``--ddp``: ``torchrun --nproc_per_node 1 train_LA_mt.py`` for N iterations (the DistributedDataParallel
+   path, one rank);
+6. ``test_LA.py`` on the first K test cases with 1's checkpoint, fp32 and ``--amp bf16`` (Dice, Jaccard,
+   HD95 and ASD in mm from its summary.json).
+
+Settings are the scripts' own (paper patch sizes, batch 4) with a RANDOM-weight vit_b_ori generalist, so the
+numbers say that every path runs and what it costs, not how well it segments. ``--quick`` shrinks the patch,
+the V-Net and the generalist (vit_tiny_demo) so the whole check runs on a CPU in about a minute. Each step
+records its command, exit status, seconds and, on failure, the end of its output; the exit status is 1 when a
+step failed. Data: ``--root_path`` (LA root with train.list and test.list) or ``--synthetic`` phantoms.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+
+from benchmarks import common as C
+
+CODE_DIR = Path(__file__).resolve().parent.parent
+QUICK = dict(patch=["48", "48", "32"], n_filters="4", arch="vit_tiny_demo")
+
+
+def _run(cmd: Sequence[str], timeout: float, env: Optional[dict] = None) -> dict:
+    """Run one command from code/; {'command', 'rc', 'seconds', 'tail' (on failure)}."""
+    print("+", " ".join(cmd), flush=True)
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(list(cmd), cwd=CODE_DIR, capture_output=True, text=True, timeout=timeout,
+                              env=env)
+        rc, out = proc.returncode, proc.stdout + proc.stderr
+    except subprocess.TimeoutExpired as err:
+        rc, out = "timeout", f"{err.stdout or ''}{err.stderr or ''}"
+        out = out.decode(errors="replace") if isinstance(out, bytes) else out
+    rec = {"command": " ".join(cmd), "rc": rc, "seconds": round(time.perf_counter() - t0, 1)}
+    if rc != 0:
+        rec["tail"] = out[-3000:]
+        print(f"  FAILED ({rc}):\n{rec['tail']}", flush=True)
+    else:
+        print(f"  ok in {rec['seconds']} s", flush=True)
+    return rec
+
+
+def _state_max_diff(a: Path, b: Path) -> float:
+    """Largest |difference| between two saved V-Net state dicts (same keys)."""
+    sa = torch.load(a, map_location="cpu", weights_only=True)
+    sb = torch.load(b, map_location="cpu", weights_only=True)
+    sa, sb = (s.get("model_state_dict", s) for s in (sa, sb))
+    if set(sa) != set(sb):
+        raise C.BenchmarkError(f"{a} and {b} hold different keys")
+    return max(float((sa[k].double() - sb[k].double()).abs().max()) if sa[k].numel() else 0.0 for k in sa)
+
+
+def run_smoke(args) -> dict:
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    case_dir, data_desc = C.data_case_dir(args.root_path, args.synthetic, work)
+    arch = QUICK["arch"] if args.quick else "vit_b_ori"
+    ckpt = C.random_generalist_checkpoint(work / "generalists", arch, seed=0)
+    n, half = args.iterations, max(1, args.iterations // 2)
+    model_dir = work / "model"
+    base = ["--root_path", str(case_dir), "--model_dir", str(model_dir), "--device", args.device,
+            "--max_iterations", str(n), "--save_every", str(n), "--num_workers", str(args.num_workers),
+            "--progress", "0", "--image_every", "0"]
+    if args.quick:
+        base += ["--patch_size", *QUICK["patch"], "--n_filters", QUICK["n_filters"], "--labeled_num", "2"]
+    sam = ["--generalist", str(ckpt), "--generalist_arch", arch]
+    py = sys.executable
+    steps: dict = {}
+
+    def train(name: str, script: str, *extra: str, launcher: Sequence[str] = (py,)) -> bool:
+        steps[name] = _run([*launcher, script, *base, "--exp", name, *extra], args.timeout)
+        return steps[name]["rc"] == 0
+
+    if train("semisam_fp32", "train_LA_semisam_mt.py", *sam):
+        steps["semisam_fp32"]["checkpoint"] = str(model_dir / "semisam_fp32" / f"iter_{n}.pth")
+    if train("semisam_resumed", "train_LA_semisam_mt.py", *sam, "--stop_after", str(half)):
+        steps["semisam_resumed_part2"] = _run([py, "train_LA_semisam_mt.py", *base, "--exp", "semisam_resumed",
+                                               *sam, "--resume"], args.timeout)
+        a, b = (model_dir / e / f"iter_{n}.pth" for e in ("semisam_fp32", "semisam_resumed"))
+        if a.is_file() and b.is_file():
+            steps["semisam_resumed_part2"]["max_abs_diff_to_uninterrupted"] = _state_max_diff(a, b)
+    train("semisam_bf16", "train_LA_semisam_mt.py", *sam, "--amp", "bf16")
+    train("uamt_fp32", "train_LA_uamt.py")
+    if args.ddp:
+        torchrun = [py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"]
+        train("mt_ddp1", "train_LA_mt.py", launcher=torchrun)
+
+    metrics: dict = {}
+    ckpt_path = model_dir / "semisam_fp32" / f"iter_{n}.pth"
+    if ckpt_path.is_file():
+        for amp in ("none", "bf16"):
+            out = work / f"test_{amp}"
+            cmd = [py, "test_LA.py", "--root_path", str(case_dir), "--model_path", str(ckpt_path), "--device",
+                   args.device, "--amp", amp, "--max_cases", str(args.test_cases), "--out_dir", str(out),
+                   "--no_save_nii"]
+            if args.quick:
+                cmd += ["--patch_size", *QUICK["patch"]]
+            steps[f"test_{amp}"] = _run(cmd, args.timeout)
+            if (out / "summary.json").is_file():
+                summary = json.loads((out / "summary.json").read_text())
+                metrics[amp] = {k: summary[k] for k in ("mean", "distance_unit") if k in summary}
+    failed = [k for k, v in steps.items() if v["rc"] != 0]
+    if not ckpt_path.is_file():
+        failed.append("no fp32 checkpoint to test")
+    return {"machine": C.machine_info(torch.device(args.device)), "data": data_desc, "generalist": arch,
+            "iterations": n, "quick": args.quick, "steps": steps, "test_metrics": metrics, "failed": failed}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--root_path", default=None, help="LA root (default: $LA_DATA_ROOT)")
+    p.add_argument("--synthetic", action="store_true", help="LA-sized phantom volumes instead of the LA data")
+    p.add_argument("--quick", action="store_true", help="tiny patch, V-Net and generalist (CPU-sized)")
+    p.add_argument("--iterations", type=int, default=6)
+    p.add_argument("--test_cases", type=int, default=2)
+    p.add_argument("--num_workers", type=int, default=2)
+    p.add_argument("--ddp", action="store_true", help="also run train_LA_mt.py under torchrun, one rank")
+    p.add_argument("--timeout", type=float, default=300, help="seconds allowed per command")
+    p.add_argument("--work", default=None, help="scratch folder (default: a temporary one, removed)")
+    p.add_argument("--json", default=None)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    args = build_parser().parse_args(argv)
+    if args.iterations < 2:
+        raise SystemExit("gpu_smoke.py: --iterations must be at least 2 (the resume check stops half-way)")
+    tmp = None
+    if args.work is None:
+        tmp = C.scratch_dir("gpu_smoke_")
+        args.work = tmp.name
+    try:
+        payload = run_smoke(args)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    C.write_json(args.json, payload)
+    print(json.dumps({k: payload[k] for k in ("failed", "test_metrics")}, indent=1))
+    return payload
+
+
+if __name__ == "__main__":
+    sys.exit(1 if main()["failed"] else 0)
