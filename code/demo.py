@@ -126,7 +126,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--device", default=DEVICE)
     a("--threads", type=int, default=THREADS, help="torch CPU threads (0: idle cores per /proc/loadavg)")
     a("--channels_last", choices=("auto", "1", "0"), default="auto",
-      help="training memory layout (auto: channels_last_3d on CPU); the maths is the same, the summation order not")
+      help="training memory layout (auto: channels_last_3d on CPU and CUDA); the maths is the same, the summation order not")
     a("--no_progress", action="store_true", help="no progress bars (default: bars when stderr is a terminal)")
     # the settings below default to the DEFAULTS (or QUICK) presets
     a("--phantom_size", type=int, nargs=3, metavar=("X", "Y", "Z"))

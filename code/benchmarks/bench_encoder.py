@@ -181,10 +181,12 @@ def report(payload: dict) -> str:
             other = run["wall"]["median"] - sum(parts.values())
             rows.append([prec, C.fmt_spread(run["wall"]), C.fmt_seconds(run["cpu"]["median"])]
                         + [C.fmt_seconds(parts.get(k)) for k in (
-                            "generalist.encoder", "generalist.prompt_encoder", "generalist.decoder")]
+                            "generalist.encoder", "generalist.prompt_encoder", "generalist.decoder",
+                            "generalist.first_click", "generalist.clicks")]
                         + [C.fmt_seconds(other), f"{run['foreground_fraction']:.3f}"])
         lines.append(C.markdown_table(["branch", "wall median [min, max]", "CPU time", "encoder (mean)",
-                                       "prompt enc.", "decoder", "rest", "fg fraction"], rows))
+                                       "prompt enc.", "decoder", "first click", "later clicks", "rest",
+                                       "fg fraction"], rows))
         if "speedup_bf16_vs_fp32" in br:
             sp = br["speedup_bf16_vs_fp32"]
             lines.append(f"bf16 vs fp32: speed-up {C.fmt_ratio(sp['wall'])} wall ({C.fmt_ratio(sp['cpu'])} CPU "

@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window_batch", type=int, default=4, help="windows per forward pass (default 4)")
     p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     p.add_argument("--channels_last", choices=["auto", "1", "0"], default="auto",
-                   help="channels_last_3d windows and weights (auto: on for CPU)")
+                   help="channels_last_3d windows and weights (auto: on for CPU and CUDA)")
     p.add_argument("--repeats", type=int, default=1, help="whole-volume runs per precision (default 1)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--threads", type=int, default=None)

@@ -11,7 +11,9 @@ themselves, see ``METHOD_SCRIPTS``), with real LA patches (``--root_path`` or ``
 phantoms (``--synthetic``). Sections come from the engine's timer plug-in (``training.timing.SectionTimer``:
 data, student_forward, loss, teacher, uncertainty, generalist, backward, optimizer, ema); the generalist is
 split further by forward hooks on each SAM-Med3D's image_encoder / prompt_encoder / mask_decoder
-(``generalist.encoder`` etc.; ``generalist.other`` is the rest: clicks, distance transforms, resampling).
+(``generalist.encoder`` etc.) and its simulated clicks (``generalist.first_click``: connected components and
+the exact distance transform on the CPU; ``generalist.clicks``: the later, random ones); ``generalist.other``
+is the rest (normalisation, padding or resampling, thresholds, the pseudo-label's statistics).
 ``other`` is the step time outside every section (lr/weights, the host sync of the loss scalars, stats).
 
 Every flag the benchmark does not know is a training flag (``python train_LA_mt.py -h``): --patch_size,
@@ -69,7 +71,8 @@ PRESET_CONSTANTS = {"LABELED_NUM": "labeled_num", "SPECIALIST": "specialist", "G
 RANDOM_GENERALIST = "<random>"
 SYNTHETIC_LABELED = 2          # phantom data has 6 training cases: 2 labeled, 4 unlabeled
 SECTION_ORDER = ("data", "student_forward", "loss", "teacher", "uncertainty", "generalist", "generalist.encoder",
-                 "generalist.prompt_encoder", "generalist.decoder", "generalist.other", "backward", "optimizer",
+                 "generalist.prompt_encoder", "generalist.decoder", "generalist.first_click",
+                 "generalist.clicks", "generalist.other", "backward", "optimizer",
                  "ema", "other")
 
 

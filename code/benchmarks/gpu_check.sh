@@ -16,8 +16,9 @@
 #            branch fp32 vs bf16
 #   step     step_fp32.json: MT, UA-MT, SemiSAM (point, 10 clicks) at 112x112x80, batch 4 (2 labeled), fp32
 #   stepbf16 step_bf16.json: the same under bf16 autocast, plus MT fp32 as the in-run baseline
-#   layout   step_128_layout_memory.json: channels_last on CUDA (off by default there until measured) and
-#            SemiSAM's CUDA peak memory with --checkpoint_levels 2, at 128^3
+#   layout   step_128_layout_memory.json: MT at 128^3 in channels_last (the CUDA default since the 2026-11-26
+#            H100 pass) vs contiguous, with cuDNN autotuning (--deterministic 0) in fp32 and bf16; SemiSAM's CUDA
+#            peak memory with --checkpoint_levels 2
 # and gpu_check.log (everything printed). A failing stage does not stop the others; the exit status is 1 when
 # any failed, and the log's last line names them. --only runs the named stages (e.g. to redo a failed one).
 # GPU_CHECK_DRY_RUN=1 prints the commands without running them (the tests check them against the parsers).
@@ -91,8 +92,9 @@ run encoder "$py" benchmarks/bench_encoder.py --device cuda --batch 2 --steps "$
 run step "$py" benchmarks/bench_step.py --compare mt uamt semisam "${common[@]}" --json "$results/step_fp32.json"
 run stepbf16 "$py" benchmarks/bench_step.py --compare mt mt:amp=bf16 uamt:amp=bf16 semisam:amp=bf16 "${common[@]}" \
     --json "$results/step_bf16.json"
-run layout "$py" benchmarks/bench_step.py --compare mt mt:channels_last=1 mt:amp=bf16 mt:amp=bf16:channels_last=1 \
-    semisam:checkpoint_levels=2 semisam:amp=bf16:checkpoint_levels=2 "${common[@]}" --patch_size 128 128 128 \
+run layout "$py" benchmarks/bench_step.py --compare mt mt:channels_last=0 mt:deterministic=0 mt:amp=bf16 \
+    mt:amp=bf16:deterministic=0 semisam:checkpoint_levels=2 semisam:amp=bf16:checkpoint_levels=2 "${common[@]}" \
+    --patch_size 128 128 128 \
     --json "$results/step_128_layout_memory.json"
 if [ ${#failed[@]} -gt 0 ]; then
   echo "gpu_check.sh: FAILED stages: ${failed[*]}; results in $results"

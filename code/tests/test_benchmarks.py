@@ -64,6 +64,31 @@ def test_resolve_case_dir(la_root, la_data_dir, tmp_path, monkeypatch):
         C.resolve_case_dir(None)
 
 
+def test_generalist_timers_charge_clicks_and_detach():
+    import contextlib
+    import utils.generalist as G
+    from utils.clicks import next_clicks as original
+    seen = []
+
+    @contextlib.contextmanager
+    def timer(section):
+        seen.append(section)
+        yield
+
+    handles = C.attach_generalist_timers([], timer)
+    target = torch.zeros(1, 8, 8, 8, dtype=torch.bool)
+    target[0, 2:5, 2:5, 2:5] = True
+    pred = torch.zeros_like(target)
+    for k in (0, 1, 2):
+        coords, labels = G.next_clicks(pred, target, k, torch.Generator().manual_seed(0))
+        assert labels.tolist() == [[1]] and target[0, coords[0, 0, 0], coords[0, 0, 1], coords[0, 0, 2]]
+    assert coords.shape == (1, 1, 3)
+    assert seen == ["generalist.first_click", "generalist.clicks", "generalist.clicks"]
+    for h in handles:
+        h.remove()
+    assert G.next_clicks is original
+
+
 def test_random_sam_fills_zero_initialised_tables():
     model = C.random_sam("vit_tiny_demo", seed=3)
     rel = model.image_encoder.blocks[0].attn.rel_pos_d
@@ -134,6 +159,7 @@ def test_step_compare_in_fresh_processes(la_root, tmp_path, monkeypatch):
     assert "generalist" not in mt["sections"] and mt["generalist_weights"] == "none"
     gen = sam["sections"]
     assert gen["generalist.encoder"]["median"] > 0 and gen["generalist.decoder"]["median"] > 0
+    assert gen["generalist.first_click"]["median"] > 0 and gen["generalist.clicks"]["median"] > 0
     for step in sam["per_step"]:
         assert step["sections"]["generalist.other"] >= 0     # the hooked parts lie inside 'generalist'
         assert isinstance(step["minor_faults"], int) and step["minor_faults"] >= 0

@@ -94,6 +94,12 @@ class _ConstantLogits(torch.nn.Module):
         return torch.stack([torch.zeros_like(odd), torch.zeros_like(odd), odd], dim=1) + 0 * self.w
 
 
+def test_channels_last_default_is_on_where_measured_faster():
+    from utils.inference import channels_last_default
+    assert channels_last_default("cpu") and channels_last_default(torch.device("cuda", 1))
+    assert not channels_last_default("mps") and not channels_last_default("meta")
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_fused_conv_relu_copy_matches_autocast(small_net, channels_last):
     # what sliding_window_predict runs on CPU: the folded copy, converted to the autocast dtype, with every

@@ -35,7 +35,7 @@ sup baseline               batch 4 / labeled_bs 2; the 2    ours (same labeled p
                                                             included, never sees an unlabeled scan)
 validation                 off (last checkpoint)            paper protocol; --val_list/--val_every optional
 save_every                 1000                             paper (UA-MT saves iter_N every 1000)
-channels_last / cache      auto (on for CPU) / on           ours (speed; same maths, results/README.md)
+channels_last / cache      auto (CPU, CUDA) / on            ours (speed; same maths, results/README.md)
 =========================  ===============================  =================================================
 """
 from __future__ import annotations
@@ -261,7 +261,7 @@ def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
     a("--amp", type=str, choices=AMP_MODES, help="autocast dtype for the forward passes (losses stay fp32)")
     a("--checkpoint_levels", type=int, help="V-Net activation checkpointing: resolution levels recomputed in "
                                            "backward (0 off, 1 full resolution, 2 also half; saves memory)")
-    a("--channels_last", type=_bool_or_auto, help="channels_last_3d memory format: 1 | 0 | auto (on for CPU)")
+    a("--channels_last", type=_bool_or_auto, help="channels_last_3d memory format: 1 | 0 | auto (on for CPU and CUDA)")
     a("--tune_malloc", type=_bool, help="glibc mallopt: reuse freed memory instead of returning it to the OS")
     a("--num_workers", type=int)
     a("--cache", type=_bool, help="decode the cases once into memory at the start (default 1)")

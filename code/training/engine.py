@@ -49,6 +49,7 @@ from dataloaders.la_heart import (LAHeart, RandomCrop, RandomRotFlip, ToTensor, 
                                   read_list, split_labeled)
 from networks.vnet import VNet
 from utils import ramps
+from utils.inference import channels_last_default
 
 from training import distributed as D
 from training import state as S
@@ -139,7 +140,7 @@ class Trainer:
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = not cfg.deterministic
             torch.backends.cudnn.deterministic = cfg.deterministic
-        channels_last = cfg.channels_last if cfg.channels_last is not None else self.device.type == "cpu"
+        channels_last = cfg.channels_last if cfg.channels_last is not None else channels_last_default(self.device)
         self.memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
         self.amp_dtype = torch.bfloat16 if cfg.amp == "bf16" else None
         if self.amp_dtype is not None:
