@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU pass at paper settings (about 8 minutes on one H100-class GPU): end-to-end smoke, then the benchmarks.
+# GPU pass at paper settings (about 9 minutes on one H100-class GPU): end-to-end smoke, then the benchmarks.
 #
 #   bash code/benchmarks/gpu_check.sh [--root_path LA_ROOT | --synthetic] [--out DIR] [--quick] [--only S,S]
 #
@@ -19,7 +19,10 @@
 #   layout   step_128_layout_memory.json: MT at 128^3 in channels_last (the CUDA default since the 2026-11-26
 #            H100 pass) vs contiguous, with cuDNN autotuning (--deterministic 0) in fp32 and bf16; SemiSAM's CUDA
 #            peak memory with --checkpoint_levels 2
-# and gpu_check.log (everything printed). A failing stage does not stop the others; the exit status is 1 when
+#   hostcpu  cpu_step.json, cpu_inference.json: the machine's own CPU (AMX on recent Xeons): MT fp32 vs bf16 at
+#            112x112x80 and one volume's inference fp32 vs bf16 (the CPU bf16 targets)
+# and gpu_check.log (everything printed): 10 files (a device tool that returns at most 8 files needs a tar of
+# --out). A failing stage does not stop the others; the exit status is 1 when
 # any failed, and the log's last line names them. --only runs the named stages (e.g. to redo a failed one).
 # GPU_CHECK_DRY_RUN=1 prints the commands without running them (the tests check them against the parsers).
 set -euo pipefail
@@ -96,6 +99,9 @@ run layout "$py" benchmarks/bench_step.py --compare mt mt:channels_last=0 mt:det
     mt:amp=bf16:deterministic=0 semisam:checkpoint_levels=2 semisam:amp=bf16:checkpoint_levels=2 "${common[@]}" \
     --patch_size 128 128 128 \
     --json "$results/step_128_layout_memory.json"
+run hostcpu "$py" benchmarks/bench_step.py --compare mt mt:amp=bf16 --device cpu --steps 3 --warmup 2 "${data[@]}" \
+    --json "$results/cpu_step.json"
+run hostcpu "$py" benchmarks/bench_inference.py --device cpu --repeats 2 "${data[@]}" --json "$results/cpu_inference.json"
 if [ ${#failed[@]} -gt 0 ]; then
   echo "gpu_check.sh: FAILED stages: ${failed[*]}; results in $results"
   exit 1
