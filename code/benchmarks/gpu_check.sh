@@ -20,8 +20,9 @@
 #            H100 pass) vs contiguous, with cuDNN autotuning (--deterministic 0) in fp32 and bf16; SemiSAM's CUDA
 #            peak memory with --checkpoint_levels 2
 #   hostcpu  cpu_step.json, cpu_inference.json: the machine's own CPU (AMX on recent Xeons): MT fp32 vs bf16 at
-#            112x112x80 and one volume's inference fp32 vs bf16 (the CPU bf16 targets)
-# and gpu_check.log (everything printed): 10 files (a device tool that returns at most 8 files needs a tar of
+#            112x112x80 and one volume's inference fp32 vs bf16 (the CPU bf16 targets); clicks.json:
+#            the generalist's simulated clicks by mask kind (the first one runs on this CPU; bench_clicks.py)
+# and gpu_check.log (everything printed): 11 files (a device tool that returns at most 8 files needs a tar of
 # --out). A failing stage does not stop the others; the exit status is 1 when
 # any failed, and the log's last line names them. --only runs the named stages (e.g. to redo a failed one).
 # GPU_CHECK_DRY_RUN=1 prints the commands without running them (the tests check them against the parsers).
@@ -102,6 +103,7 @@ run layout "$py" benchmarks/bench_step.py --compare mt mt:channels_last=0 mt:det
 run hostcpu "$py" benchmarks/bench_step.py --compare mt mt:amp=bf16 --device cpu --steps 3 --warmup 2 "${data[@]}" \
     --json "$results/cpu_step.json"
 run hostcpu "$py" benchmarks/bench_inference.py --device cpu --repeats 2 "${data[@]}" --json "$results/cpu_inference.json"
+run hostcpu "$py" benchmarks/bench_clicks.py --device cuda "${data[@]}" --json "$results/clicks.json"
 if [ ${#failed[@]} -gt 0 ]; then
   echo "gpu_check.sh: FAILED stages: ${failed[*]}; results in $results"
   exit 1

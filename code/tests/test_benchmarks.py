@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import bench_encoder, bench_inference, bench_step, gpu_smoke
+from benchmarks import bench_clicks, bench_encoder, bench_inference, bench_step, gpu_smoke
 from benchmarks import common as C
 
 BENCH_DIR = Path(bench_step.__file__).resolve().parent
@@ -230,6 +230,27 @@ def test_inference_fp32_vs_bf16_with_a_checkpoint(la_root, tmp_path):
     assert 0 < payload["max_abs_score_diff"] < 1
 
 
+def test_clicks_benchmark_times_every_mask_kind(la_root, tmp_path):
+    out = bench_clicks.main(["--root_path", str(la_root), "--patch", "40", "32", "24", "--noise", "0.4",
+                             "--steps", "2", "--warmup", "0", "--threads", "1", "--json", str(tmp_path / "c.json")])
+    runs = out["clicks"]["runs"]
+    kinds = ["label", "noise 0.4", "box + 5 % speckle"]
+    assert list(runs) == [f"{k} / {c}" for k in kinds for c in ("first", "later")]
+    assert json.loads((tmp_path / "c.json").read_text())["clicks"]["runs"].keys() == runs.keys()
+    fractions = out["clicks"]["foreground_fraction"]
+    assert 0 < fractions["label"] < 1 and abs(fractions["noise 0.4"] - 0.4) < 0.02
+    assert abs(fractions["box + 5 % speckle"] - (0.75 ** 3 + 0.05 * (1 - 0.75 ** 3))) < 0.02
+    for name, run in runs.items():
+        assert run["wall"]["n"] == 2 and 0 < run["wall"]["min"] <= run["wall"]["median"] <= run["wall"]["max"]
+        # every click lands on a false negative (the SAM masks here only miss foreground): label 1
+        assert run["labels"] == [1, 1] and all(0 <= c < s for xyz in run["clicks"] for c, s in zip(xyz, (40, 32, 24)))
+    masks = bench_clicks.label_masks(bench_clicks.C.resolve_case_dir(str(la_root)), 2, (40, 32, 24))
+    for b, xyz in enumerate(runs["label / first"]["clicks"]):
+        assert masks[b][tuple(xyz)]                 # the deepest voxel is inside the label
+    for b, xyz in enumerate(runs["label / later"]["clicks"]):
+        assert masks[b][tuple(xyz)] and xyz[0] < 20  # a missed voxel: in the half the SAM mask leaves out
+
+
 def test_random_vnet_batchnorm_statistics_come_from_the_volume():
     image = torch.randn(40, 36, 20).mul(3).add(5).numpy()
     net = bench_inference.random_vnet(4, 0, image, (32, 32, 16), 2, torch.device("cpu"))
@@ -253,10 +274,10 @@ def test_gpu_check_commands_parse(tmp_path):
     scripts = [next(a for a in cmd if a.startswith("benchmarks/")) for cmd in commands]
     assert scripts == (["benchmarks/gpu_smoke.py", "benchmarks/bench_step.py", "benchmarks/bench_inference.py",
                         "benchmarks/bench_encoder.py"] + ["benchmarks/bench_step.py"] * 4
-                       + ["benchmarks/bench_inference.py"])
+                       + ["benchmarks/bench_inference.py", "benchmarks/bench_clicks.py"])
     for cmd, script in zip(commands, scripts):
         argv = cmd[cmd.index(script) + 1:]
-        assert "--synthetic" in argv and ("cuda" in argv) != (cmd in commands[-2:])   # the last two: host CPU
+        assert "--synthetic" in argv and ("cuda" in argv) != (cmd in commands[-3:-1])   # host CPU runs
         if script.endswith("bench_step.py"):
             args, train_argv = bench_step.build_parser().parse_known_args(argv)
             for entry in args.compare:
@@ -264,7 +285,7 @@ def test_gpu_check_commands_parse(tmp_path):
                 training_parser(bench_step.method_preset(method)[0]).parse_args(train_argv + extra)
         else:
             module = {"bench_encoder.py": bench_encoder, "bench_inference.py": bench_inference,
-                      "gpu_smoke.py": gpu_smoke}[Path(script).name]
+                      "gpu_smoke.py": gpu_smoke, "bench_clicks.py": bench_clicks}[Path(script).name]
             module.build_parser().parse_args(argv)
     # --only picks stages (to redo a failed one) and keeps their order
     only = _gpu_check_commands(tmp_path, "--only", "encoder,smoke")
