@@ -9,7 +9,8 @@
 # Training steps load data with 4 DataLoader workers (as training does), so 'data' is the wait for a batch,
 # not its loading cost. Stages, in this order (most wanted first, so a cut-short run keeps them), each writing
 # into --out (default <repo>/results/gpu):
-#   smoke    smoke.json: train/resume/bf16/UA-MT/DDP(1 rank)/test_LA.py end to end on CUDA (gpu_smoke.py)
+#   smoke    smoke.json: train/resume/bf16/UA-MT/DDP(1 rank)/SemiSAM+ with validation/generalist fine-tuning/
+#            test_LA.py end to end on CUDA (gpu_smoke.py)
 #   step128  step_128.json: MT and SemiSAM at the SemiSAM script's 128^3 patch, fp32 and bf16
 #   infer    inference.json: sliding-window inference of one volume (112x112x80, stride 18/4) fp32 vs bf16
 #   encoder  encoder.json: vit_b_ori image encoder fast vs reference, fp32 and bf16, batch 2; generalist

@@ -13,7 +13,11 @@ The unit tests run on CPU only; this drives the real entry scripts, each in its 
 4. ``train_LA_uamt.py`` for N iterations;
 5. with ``--ddp``: ``torchrun --nproc_per_node 1 train_LA_mt.py`` for N iterations (the DistributedDataParallel
    path, one rank);
-6. ``test_LA.py`` on the first K test cases with 1's checkpoint, fp32 and ``--amp bf16`` (Dice, Jaccard,
+6. ``train_LA_semisam_plus.py`` (two generalists, ``--prompt unc``) for N iterations with validation at
+   iteration N on the last case of the training list, held out of its training list (best_model.pth);
+7. ``pretrain_generalist.py`` fine-tuning the generalist checkpoint for N iterations on the training cases
+   (gradients through the whole SAM-Med3D);
+8. ``test_LA.py`` on the first K test cases with 1's checkpoint, fp32 and ``--amp bf16`` (Dice, Jaccard,
    HD95 and ASD in mm from its summary.json).
 
 Settings are the scripts' own (paper patch sizes, batch 4) with a RANDOM-weight vit_b_ori generalist, so the
@@ -107,6 +111,21 @@ def run_smoke(args) -> dict:
     if args.ddp:
         torchrun = [py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"]
         train("mt_ddp1", "train_LA_mt.py", launcher=torchrun)
+    cases = [c.strip() for c in (case_dir.parent / "train.list").read_text().splitlines() if c.strip()]
+    train_list, val_list = work / "train_held_out.list", work / "val.list"
+    train_list.write_text("\n".join(cases[:-1]) + "\n")
+    val_list.write_text(cases[-1] + "\n")
+    ckpt2 = C.random_generalist_checkpoint(work / "generalists", arch, seed=1)
+    val_stride = ["--val_stride_xy", "48", "--val_stride_z", "32"] if args.quick else []
+    if train("semisam_plus_unc_val", "train_LA_semisam_plus.py", "--generalist", str(ckpt), str(ckpt2),
+             "--generalist_arch", arch, "--prompt", "unc", "--train_list", str(train_list), "--val_list",
+             str(val_list), "--val_every", str(n), *val_stride):
+        best = model_dir / "semisam_plus_unc_val" / "best_model.pth"
+        steps["semisam_plus_unc_val"]["best_model_written"] = best.is_file()
+    steps["pretrain_finetune"] = _run(
+        [py, "pretrain_generalist.py", "--arch", arch, "--init", str(ckpt), "--data", str(case_dir),
+         "--data_list", str(train_list), "--iterations", str(n), "--batch_size", "2", "--device", args.device,
+         "--workers", "0", "--no_progress", "--out", str(work / "finetuned" / "generalist.pth")], args.timeout)
 
     metrics: dict = {}
     ckpt_path = model_dir / "semisam_fp32" / f"iter_{n}.pth"
@@ -123,6 +142,8 @@ def run_smoke(args) -> dict:
                 summary = json.loads((out / "summary.json").read_text())
                 metrics[amp] = {k: summary[k] for k in ("mean", "distance_unit") if k in summary}
     failed = [k for k, v in steps.items() if v["rc"] != 0]
+    if steps.get("semisam_plus_unc_val", {}).get("best_model_written") is False:
+        failed.append("semisam_plus_unc_val wrote no best_model.pth")
     if not ckpt_path.is_file():
         failed.append("no fp32 checkpoint to test")
     return {"machine": C.machine_info(torch.device(args.device)), "data": data_desc, "generalist": arch,

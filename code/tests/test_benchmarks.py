@@ -304,7 +304,8 @@ def test_gpu_smoke_runs_the_scripts_end_to_end(tmp_path):
                           "--num_workers", "0", "--work", str(tmp_path / "work"), "--json", str(tmp_path / "s.json")])
     assert out["failed"] == [] and json.loads((tmp_path / "s.json").read_text())["failed"] == []
     assert set(out["steps"]) == {"semisam_fp32", "semisam_resumed", "semisam_resumed_part2", "semisam_bf16",
-                                 "uamt_fp32", "test_none", "test_bf16"}
+                                 "uamt_fp32", "semisam_plus_unc_val", "pretrain_finetune", "test_none", "test_bf16"}
+    assert out["steps"]["semisam_plus_unc_val"]["best_model_written"] is True
     assert out["steps"]["semisam_resumed_part2"]["max_abs_diff_to_uninterrupted"] == 0.0
     for amp in ("none", "bf16"):
         mean = out["test_metrics"][amp]["mean"]
