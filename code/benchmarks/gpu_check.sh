@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# GPU pass at paper settings (about 9 minutes on one H100-class GPU): end-to-end smoke, then the benchmarks.
+# GPU pass at paper settings (about 11 minutes on one H100-class GPU: under a 10-minute limit per command run
+# it as --only smoke,step128,infer,encoder then --only step,stepbf16,layout,hostcpu): smoke, then benchmarks.
 #
 #   bash code/benchmarks/gpu_check.sh [--root_path LA_ROOT | --synthetic] [--out DIR] [--quick] [--only S,S]
 #
