@@ -295,6 +295,11 @@ def test_gpu_check_commands_parse(tmp_path):
                          env=dict(os.environ, GPU_CHECK_DRY_RUN="1"),
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "unknown argument '--bogus'" in bad.stderr
+    usage = subprocess.run(["bash", str(BENCH_DIR / "gpu_check.sh"), "--help"], capture_output=True, text=True,
+                           timeout=60)
+    stages = ("smoke", "step128", "infer", "encoder", "step", "stepbf16", "layout", "hostcpu")
+    assert usage.returncode == 0 and all(f"#   {s} " in usage.stdout for s in stages)
+    assert "set -euo" not in usage.stdout and usage.stdout.strip().endswith("against the parsers).")
 
 
 def test_gpu_smoke_runs_the_scripts_end_to_end(tmp_path):
