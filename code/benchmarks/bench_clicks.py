@@ -108,17 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="where the masks live: cpu | cuda | cuda:N (default cpu)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--root_path", default=None, help="LA root or its case folder (default: $LA_DATA_ROOT)")
-    p.add_argument("--synthetic", action="store_true", help="random masks only (no label masks)")
-    p.add_argument("--json", default=None, help="write the results to this JSON file")
+    C.add_data_args(p, "random masks only (no label masks)")
+    C.add_json_arg(p)
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = build_parser().parse_args(argv)
-    if args.steps < 1 or args.warmup < 0 or args.batch < 1:
-        raise C.BenchmarkError(f"need --steps >= 1, --warmup >= 0, --batch >= 1; got {args.steps}, "
-                               f"{args.warmup}, {args.batch}")
+    C.check_counts(args.steps, args.warmup, args.batch)
     C.setup_runtime(args.threads, tune_malloc=False)
     device = C.resolve_device(args.device)
     masks = {}

@@ -214,17 +214,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="branch patch size (default 112 112 80)")
     p.add_argument("--prompt", default="point", choices=["point", "mask", "unc"])
     p.add_argument("--num_clicks", type=int, default=10)
-    p.add_argument("--root_path", default=None, help="LA root or its case folder (default: $LA_DATA_ROOT)")
-    p.add_argument("--synthetic", action="store_true", help="phantom volumes for --branch instead of LA data")
-    p.add_argument("--json", default=None, help="write the results to this JSON file")
+    C.add_data_args(p, "phantom volumes for --branch instead of LA data")
+    C.add_json_arg(p)
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = build_parser().parse_args(argv)
-    if args.steps < 1 or args.warmup < 0 or args.batch < 1:
-        raise C.BenchmarkError(f"need --steps >= 1, --warmup >= 0, --batch >= 1; got {args.steps}, "
-                               f"{args.warmup}, {args.batch}")
+    C.check_counts(args.steps, args.warmup, args.batch)
     C.setup_runtime(args.threads, bool(args.tune_malloc))
     device = C.resolve_device(args.device)
     model = C.random_sam(args.arch, args.seed).to(device)

@@ -67,8 +67,7 @@ def random_vnet(n_filters: int, seed: int, image: np.ndarray, patch: Sequence[in
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
-    p.add_argument("--root_path", default=None, help="LA root or its case folder (default: $LA_DATA_ROOT)")
-    p.add_argument("--synthetic", action="store_true", help="an LA-sized phantom volume instead of the LA data")
+    C.add_data_args(p, "an LA-sized phantom volume instead of the LA data")
     p.add_argument("--case", default=None, help="case of test.list (default: the first)")
     p.add_argument("--checkpoint", default=None, help="V-Net checkpoint (iter_N.pth or train_state.pth)")
     p.add_argument("--n_filters", type=int, default=16, help="random V-Net width (default 16)")
@@ -87,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tune_malloc", type=int, choices=[0, 1], default=1,
                    help="1: the training scripts' glibc malloc options (training.run.tune_malloc); 0: glibc defaults")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=None, help="write the results to this JSON file")
+    C.add_json_arg(p)
     return p
 
 

@@ -361,9 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the whole comparison this many times (fresh processes, order reversed every other "
                         "round) and pool the steps: spreads each configuration over time on a shared machine")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
-    p.add_argument("--root_path", default=None, help="LA root or its case folder (default: $LA_DATA_ROOT)")
-    p.add_argument("--synthetic", action="store_true", help="LA-sized phantom volumes instead of the LA data")
-    p.add_argument("--json", default=None, help="write the results to this JSON file")
+    C.add_data_args(p)
+    C.add_json_arg(p)
     p.add_argument("--timeout", type=float, default=None, help="seconds allowed per configuration")
     p.add_argument("--in_process", action="store_true",
                    help="run the configurations in this process (faster start; memory peaks are then cumulative)")

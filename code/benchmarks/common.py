@@ -70,6 +70,22 @@ def make_synthetic_data(folder: Path, n_train: int = 6, n_test: int = 1, seed: i
     return Path(folder) / TRAINING_FOLDER
 
 
+def add_data_args(p, synthetic_help: str = "LA-sized phantom volumes instead of the LA data") -> None:
+    """--root_path / --synthetic, as every benchmark reads them (``data_case_dir``)."""
+    p.add_argument("--root_path", default=None, help="LA root or its case folder (default: $LA_DATA_ROOT)")
+    p.add_argument("--synthetic", action="store_true", help=synthetic_help)
+
+
+def add_json_arg(p) -> None:
+    p.add_argument("--json", default=None, help="write the results to this JSON file")
+
+
+def check_counts(steps: int, warmup: int, batch: int = 1) -> None:
+    """Refuse timed-call counts that would measure nothing."""
+    if steps < 1 or warmup < 0 or batch < 1:
+        raise BenchmarkError(f"need --steps >= 1, --warmup >= 0, --batch >= 1; got {steps}, {warmup}, {batch}")
+
+
 def data_case_dir(root_path: Optional[str], synthetic: bool, scratch: Path) -> tuple[Path, str]:
     """(case folder, description) for ``--root_path`` / ``LA_DATA_ROOT`` or ``--synthetic`` phantoms."""
     if synthetic:

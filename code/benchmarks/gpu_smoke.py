@@ -154,8 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--device", default="cuda")
-    p.add_argument("--root_path", default=None, help="LA root (default: $LA_DATA_ROOT)")
-    p.add_argument("--synthetic", action="store_true", help="LA-sized phantom volumes instead of the LA data")
+    C.add_data_args(p)
     p.add_argument("--quick", action="store_true", help="tiny patch, V-Net and generalist (CPU-sized)")
     p.add_argument("--iterations", type=int, default=6)
     p.add_argument("--test_cases", type=int, default=2)
@@ -163,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ddp", action="store_true", help="also run train_LA_mt.py under torchrun, one rank")
     p.add_argument("--timeout", type=float, default=300, help="seconds allowed per command")
     p.add_argument("--work", default=None, help="scratch folder (default: a temporary one, removed)")
-    p.add_argument("--json", default=None)
+    C.add_json_arg(p)
     return p
 
 

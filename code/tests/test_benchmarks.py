@@ -249,6 +249,9 @@ def test_clicks_benchmark_times_every_mask_kind(la_root, tmp_path):
         assert masks[b][tuple(xyz)]                 # the deepest voxel is inside the label
     for b, xyz in enumerate(runs["label / later"]["clicks"]):
         assert masks[b][tuple(xyz)] and xyz[0] < 20  # a missed voxel: in the half the SAM mask leaves out
+    for bad in (["--steps", "0"], ["--batch", "0"], ["--warmup", "-1"]):
+        with pytest.raises(C.BenchmarkError, match="need --steps >= 1, --warmup >= 0, --batch >= 1"):
+            bench_clicks.main(["--synthetic", *bad])
 
 
 def test_random_vnet_batchnorm_statistics_come_from_the_volume():
