@@ -7,8 +7,8 @@ The unit tests run on CPU only; this drives the real entry scripts, each in its 
 
 1. ``train_LA_semisam_mt.py`` for N iterations (fp32), writing ``iter_N.pth``;
 2. the same run stopped after N/2 iterations (the hidden ``--stop_after``, as a killed run) and continued
-   with ``--resume``: its ``iter_N.pth`` is compared with 1's (max |difference| over the state dict;
-   0 when the device's kernels are deterministic);
+   with ``--resume``: its ``iter_N.pth`` is compared with 1's (max |difference| over the state dict; any
+   difference is a failure, since the scripts default to ``--deterministic 1``);
 3. ``train_LA_semisam_mt.py --amp bf16`` for N iterations;
 4. ``train_LA_uamt.py`` for N iterations;
 5. with ``--ddp``: ``torchrun --nproc_per_node 1 train_LA_mt.py`` for N iterations (the DistributedDataParallel
@@ -146,6 +146,9 @@ def run_smoke(args) -> dict:
         failed.append("semisam_plus_unc_val wrote no best_model.pth")
     if not ckpt_path.is_file():
         failed.append("no fp32 checkpoint to test")
+    resume_diff = steps.get("semisam_resumed_part2", {}).get("max_abs_diff_to_uninterrupted")
+    if resume_diff is None or resume_diff != 0.0:
+        failed.append(f"resumed run vs uninterrupted run: max |difference| {resume_diff} (expected 0.0)")
     return {"machine": C.machine_info(torch.device(args.device)), "data": data_desc, "generalist": arch,
             "iterations": n, "quick": args.quick, "steps": steps, "test_metrics": metrics, "failed": failed}
 
