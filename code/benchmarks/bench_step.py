@@ -86,6 +86,21 @@ def method_preset(method: str) -> tuple[dict, int]:
     return settings, len(getattr(module, "GENERALIST", []))
 
 
+def check_enough_cases(case_dir: Path) -> tuple[int, int]:
+    """(training, test) case counts of the LA root of ``case_dir``; a BenchmarkError unless every method's
+    script setting can run on it (more training cases than the largest LABELED_NUM, one test case)."""
+    from dataloaders.la_heart import read_list
+    n_train = len(read_list(case_dir.parent / "train.list"))
+    test_list = case_dir.parent / "test.list"
+    n_test = len(read_list(test_list)) if test_list.is_file() else 0
+    labeled = max(method_preset(m)[0].get("labeled_num", 1) for m in METHOD_SCRIPTS)
+    if n_train <= labeled or n_test < 1:
+        raise C.BenchmarkError(f"{case_dir.parent}: {n_train} training and {n_test} test cases; the method "
+                               f"scripts label up to {labeled} cases, so at least {labeled + 1} training cases "
+                               f"and 1 test case are needed")
+    return n_train, n_test
+
+
 def parse_entry(entry: str) -> tuple[str, list[str]]:
     """'METHOD[:key=value[:key=value...]]' -> (method, training flags); commas split multi-value flags,
     e.g. ``semisam:patch_size=128,128,128:amp=bf16``."""

@@ -75,12 +75,19 @@ cd "$code_dir"
 if [ -z "$dry" ]; then
   mkdir -p "$results"
   exec > >(tee "$results/gpu_check.log") 2>&1
-  "$py" - <<'EOF'
-import importlib, sys
+  GPU_CHECK_ROOT="$( [ "${data[0]}" = "--root_path" ] && echo "${data[1]}" || true )" "$py" - <<'EOF'
+import importlib, os, sys
 import torch
 missing = [m for m in ("numpy", "scipy", "h5py", "tqdm") if importlib.util.find_spec(m) is None]
 if missing:
     sys.exit(f"gpu_check.sh: missing python packages {missing}: carry them as wheels (see README)")
+if os.environ.get("GPU_CHECK_ROOT"):   # fail before any stage rather than in each
+    from benchmarks import common, bench_step
+    try:
+        n_train, n_test = bench_step.check_enough_cases(common.resolve_case_dir(os.environ["GPU_CHECK_ROOT"]))
+    except (common.BenchmarkError, FileNotFoundError) as err:
+        sys.exit(f"gpu_check.sh: {err}")
+    print(f"data: {n_train} training and {n_test} test cases")
 if not torch.cuda.is_available():
     sys.exit("gpu_check.sh: torch sees no CUDA device")
 print("torch", torch.__version__, "cuda", torch.version.cuda, "on", torch.cuda.get_device_name(0))

@@ -186,6 +186,27 @@ def test_step_rounds_pool_steps_and_ratios_need_comparable_settings(la_root):
     assert bench_step.within_process_ratio(sup, uamt) is None
 
 
+def test_enough_cases_for_every_method_script(tmp_path):
+    # the GPU pass once carried a 12-case subset: MT and UA-MT label 16, so every step stage failed
+    case_dir = tmp_path / C.TRAINING_FOLDER
+    case_dir.mkdir()
+    (tmp_path / "test.list").write_text("t0\n")
+    (tmp_path / "train.list").write_text("".join(f"c{i}\n" for i in range(12)))
+    with pytest.raises(C.BenchmarkError, match="12 training and 1 test cases.*at least 17 training cases"):
+        bench_step.check_enough_cases(case_dir)
+    # gpu_check.sh checks this before any stage (and before looking for a GPU)
+    proc = subprocess.run(["bash", str(BENCH_DIR / "gpu_check.sh"), "--root_path", str(tmp_path), "--out",
+                           str(tmp_path / "out")], env=dict(os.environ, PYTHON=sys.executable),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "at least 17 training cases" in proc.stdout + proc.stderr
+    assert "+ " not in proc.stdout                      # no stage ran
+    (tmp_path / "train.list").write_text("".join(f"c{i}\n" for i in range(17)))
+    assert bench_step.check_enough_cases(case_dir) == (17, 1)
+    (tmp_path / "test.list").unlink()
+    with pytest.raises(C.BenchmarkError, match="17 training and 0 test cases"):
+        bench_step.check_enough_cases(case_dir)
+
+
 def test_step_reports_bad_data_path(tmp_path):
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "nowhere")):
         bench_step.main(["--method", "mt", "--root_path", str(tmp_path / "nowhere")])
