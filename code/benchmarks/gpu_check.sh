@@ -111,7 +111,8 @@ run layout "$py" benchmarks/bench_step.py --compare mt mt:channels_last=0 mt:det
     --json "$results/step_128_layout_memory.json"
 run hostcpu "$py" benchmarks/bench_step.py --compare mt mt:amp=bf16 --device cpu --steps 3 --warmup 2 "${data[@]}" \
     --json "$results/cpu_step.json"
-run hostcpu "$py" benchmarks/bench_inference.py --device cpu --repeats 2 "${data[@]}" --json "$results/cpu_inference.json"
+run hostcpu "$py" benchmarks/bench_inference.py --device cpu --repeats 2 "${data[@]}" \
+    --json "$results/cpu_inference.json"
 run hostcpu "$py" benchmarks/bench_clicks.py --device cuda "${data[@]}" --json "$results/clicks.json"
 if [ ${#failed[@]} -gt 0 ]; then
   echo "gpu_check.sh: FAILED stages: ${failed[*]}; results in $results"
