@@ -13,8 +13,8 @@ import torch.nn.functional as F
 import test_LA
 from dataloaders.la_heart import load_case
 from networks.vnet import VNet
-from utils.inference import (CheckpointError, can_fuse_conv_relu, fold_batchnorm, fuse_conv_relu,
-                             largest_connected_component, load_specialist, sliding_window_predict, window_starts)
+from utils.inference import (CheckpointError, _memory_format, can_fuse_conv_relu, canonical_strides, fold_batchnorm,
+                             fuse_conv_relu, largest_connected_component, load_specialist, sliding_window_predict, window_starts)
 from utils.metrics import calculate_metric_percase
 
 
@@ -98,6 +98,32 @@ def test_channels_last_default_is_on_where_measured_faster():
     from utils.inference import channels_last_default
     assert channels_last_default("cpu") and channels_last_default(torch.device("cuda", 1))
     assert not channels_last_default("mps") and not channels_last_default("meta")
+
+
+def test_memory_format_restrides_one_channel_weights_and_restores_them():
+    """A (F, 1, 3, 3, 3) weight passes is_contiguous() for both layouts; inside the context it must still get
+    channels_last strides (oneDNN chose a slower V-Net forward otherwise), and its own strides back after."""
+    net = VNet(n_channels=1, n_classes=2, n_filters=4)
+    first, second = net.block_one.conv[0].weight, net.block_two.conv[0].weight
+    assert first.is_contiguous(memory_format=torch.channels_last_3d) and first.stride() == (27, 27, 9, 3, 1)
+    cl_second = second.detach().to(memory_format=torch.channels_last_3d).stride()
+    value = first.detach().clone()
+    with _memory_format(net, True) as fmt:
+        assert fmt == torch.channels_last_3d
+        assert first.stride() == canonical_strides(first.shape, fmt) == (27, 1, 9, 3, 1)
+        assert second.stride() == cl_second
+        inside = first
+    assert inside is first and first.stride() == (27, 27, 9, 3, 1) and second.is_contiguous()
+    assert torch.equal(first, value)
+    # contiguous requested: an already contiguous net is left as it is
+    with _memory_format(net, False):
+        assert first.stride() == (27, 27, 9, 3, 1)
+    # a channels_last net asked for contiguous gets contiguous strides inside and its own back after
+    net = net.to(memory_format=torch.channels_last_3d)
+    first = net.block_one.conv[0].weight
+    with _memory_format(net, False):
+        assert first.stride() == (27, 27, 9, 3, 1) and net.block_two.conv[0].weight.is_contiguous()
+    assert first.stride() == (27, 1, 9, 3, 1)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
