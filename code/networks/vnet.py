@@ -28,6 +28,7 @@ import re
 from typing import Callable, Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -86,12 +87,62 @@ class DownsamplingConvBlock(nn.Module):
         return self.conv(x)
 
 
+class _ConvTransposeSummedBias(torch.autograd.Function):
+    """``F.conv_transpose3d`` whose backward takes the bias gradient as a plain sum of the output gradient.
+
+    PyTorch's CPU backward of a transposed convolution (2.13, oneDNN, channels_last_3d) spends most of its time
+    on the bias gradient: for the V-Net's last upsampling (4 x 32 x 56 x 56 x 40 -> 16 channels) 78 of 111 ms
+    in fp32 and 122 of 132 ms in bf16, where ``grad.sum((0, 2, 3, 4))`` takes 13 / 7 ms. The input and weight
+    gradients still come from ``aten.convolution_backward`` (bit for bit the native ones); the bias gradient
+    is the same sum in another order (rounding differences only)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, output_padding, groups, dilation):
+        ctx.save_for_backward(x, weight)
+        ctx.conf = (stride, padding, output_padding, groups, dilation)
+        return F.conv_transpose3d(x, weight, bias, stride, padding, output_padding, groups, dilation)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        stride, padding, output_padding, groups, dilation = ctx.conf
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_x = grad_w = grad_b = None
+        if need_x or need_w:
+            grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+                grad, x, weight, None, list(stride), list(padding), list(dilation), True, list(output_padding),
+                groups, [need_x, need_w, False])
+        if need_b:
+            grad_b = grad.sum(dim=(0, *range(2, grad.dim())))
+        return grad_x, grad_w, grad_b, None, None, None, None, None
+
+
+class ConvTranspose3d(nn.ConvTranspose3d):
+    """``nn.ConvTranspose3d`` (same parameters, state-dict keys and forward) with a faster CPU backward
+    (:class:`_ConvTransposeSummedBias`): a V-Net training step at 112x112x80, batch 4, ~3 % faster in fp32 and
+    ~7 % in bf16 on this project's CPU. Elsewhere (CUDA, no autograd, ``output_size``) it is the plain module.
+    Under autocast it casts input, weight and bias to the autocast dtype as autocast does for
+    ``conv_transpose3d``."""
+
+    def forward(self, x: torch.Tensor, output_size=None) -> torch.Tensor:
+        if x.device.type != "cpu" or output_size is not None or not torch.is_grad_enabled():
+            return super().forward(x, output_size)
+        weight, bias = self.weight, self.bias
+        if torch.is_autocast_enabled("cpu"):
+            dtype = torch.get_autocast_dtype("cpu")
+            x, weight = x.to(dtype), weight.to(dtype)
+            bias = bias.to(dtype) if bias is not None else None
+        with torch.autocast("cpu", enabled=False):
+            return _ConvTransposeSummedBias.apply(x, weight, bias, self.stride, self.padding, self.output_padding,
+                                                  self.groups, self.dilation)
+
+
 class UpsamplingDeconvBlock(nn.Module):
     """ConvTranspose3d k2 s2 -> norm -> ReLU; (B, C_in, X, Y, Z) -> (B, C_out, 2X, 2Y, 2Z)."""
 
     def __init__(self, n_filters_in: int, n_filters_out: int, stride: int = 2, normalization: str = "none"):
         super().__init__()
-        deconv = nn.ConvTranspose3d(n_filters_in, n_filters_out, stride, padding=0, stride=stride)
+        deconv = ConvTranspose3d(n_filters_in, n_filters_out, stride, padding=0, stride=stride)
         self.conv = nn.Sequential(*_stage(deconv, normalization, n_filters_out))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

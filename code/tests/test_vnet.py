@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 
-from networks.vnet import NORMALIZATIONS, VNet, vnet_config_from_state_dict
+from networks.vnet import NORMALIZATIONS, ConvTranspose3d, VNet, vnet_config_from_state_dict
 
 TOL = dict(rtol=1e-4, atol=1e-5)
 LOW_RES_BLOCKS = ("block_three", "block_four", "block_five", "block_six", "block_seven")
@@ -192,3 +192,40 @@ def test_activation_checkpointing_setting_is_validated_and_not_in_the_state_dict
     for bad in (-1, 6, 1.5):
         with pytest.raises(ValueError, match="checkpoint_levels"):
             net.checkpoint_levels = bad
+
+
+@pytest.mark.parametrize("amp", [False, True])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_conv_transpose_backward_matches_pytorch(amp, channels_last):
+    """The V-Net's ConvTranspose3d (summed bias gradient on CPU) gives PyTorch's output and input / weight
+    gradients bit for bit, its bias gradient up to summation order, under bf16 autocast too."""
+    fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
+    torch.manual_seed(3)
+    ref = torch.nn.ConvTranspose3d(8, 4, 2, stride=2).to(memory_format=fmt)
+    ours = ConvTranspose3d(8, 4, 2, stride=2).to(memory_format=fmt)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 8, 6, 5, 4).contiguous(memory_format=fmt)
+    upstream = torch.randn(2, 4, 12, 10, 8)
+    results = []
+    for module in (ref, ours):
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            y = module(xi)
+        (y.float() * upstream).sum().backward()
+        results.append((y, xi.grad, module.weight.grad, module.bias.grad))
+    (y_ref, gx_ref, gw_ref, gb_ref), (y, gx, gw, gb) = results
+    assert y.dtype == (torch.bfloat16 if amp else torch.float32)
+    assert torch.equal(y, y_ref) and torch.equal(gx, gx_ref) and torch.equal(gw, gw_ref)
+    assert gb.dtype == torch.float32 and gb.abs().min() > 1.0
+    torch.testing.assert_close(gb, gb_ref, rtol=1e-5 if not amp else 1e-2, atol=1e-4)
+    # no autograd: the plain module's forward
+    with torch.no_grad():
+        assert torch.equal(ours(x), ref(x))
+
+
+def test_vnet_upsampling_uses_the_fast_backward_and_keeps_state_dict_keys():
+    net = VNet(n_filters=4)
+    ups = [net.block_five_up, net.block_six_up, net.block_seven_up, net.block_eight_up]
+    assert all(type(b.conv[0]) is ConvTranspose3d for b in ups)
+    assert all(isinstance(b.conv[0], torch.nn.ConvTranspose3d) for b in ups)
+    assert "block_eight_up.conv.0.weight" in net.state_dict() and "block_eight_up.conv.0.bias" in net.state_dict()
