@@ -13,7 +13,9 @@ meaningless as a segmentation: pass a trained ``--checkpoint`` for that check.
 
 Each precision gets one untimed forward of ``--window_batch`` windows first; then ``--repeats`` whole-volume
 runs, alternating the precisions so slow drifts of a shared machine hit both. Reported: median [min, max]
-wall-clock seconds and the median CPU time of this process, the bf16 speed-up (wall and CPU time), the Dice
+wall-clock seconds and the median CPU time of this process, the mean seconds per volume of each part of
+``sliding_window_predict`` (prepare, windows, forward, accumulate, finish), the bf16 speed-up (wall and CPU
+time, and of the network forwards alone), the Dice
 and voxel agreement between the two label maps, the max abs difference of the foreground scores, and each
 map's Dice with the ground truth (meaningful with a trained checkpoint).
 """
@@ -31,6 +33,10 @@ from benchmarks import common as C  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+
+# the parts of utils.inference.sliding_window_predict its timer sees, in call order
+PARTS = ("prepare", "windows", "forward", "accumulate", "finish")
 
 
 def random_vnet(n_filters: int, seed: int, image: np.ndarray, patch: Sequence[int], bn_windows: int,
@@ -92,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     from dataloaders.la_heart import load_case, read_list
+    from training.timing import SectionTimer
     from utils.inference import load_specialist, sliding_window_predict, window_starts
 
     args = build_parser().parse_args(argv)
@@ -115,10 +122,14 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     n_windows = int(np.prod([len(window_starts(s, p, st)) for s, p, st in
                              zip(padded, args.patch, (args.stride_xy, args.stride_xy, args.stride_z))]))
 
+    # per precision, the seconds of each part of sliding_window_predict summed over the timed volumes
+    timers = {prec: SectionTimer(synchronize=device.type == "cuda", device=device) for prec in args.precisions}
+
     def predict(prec):
         return sliding_window_predict(net, image, tuple(args.patch), args.stride_xy, args.stride_z, 2,
                                       args.window_batch, C.amp_dtype(prec), device,
-                                      channels_last=None if args.channels_last == "auto" else args.channels_last == "1")
+                                      channels_last=None if args.channels_last == "auto" else args.channels_last == "1",
+                                      timer=timers[prec])
 
     warm = torch.zeros((args.window_batch, 1, *args.patch), device=device)
     for prec in args.precisions:
@@ -129,7 +140,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                                   lambda name: print(f"  {name}: {n_windows} windows ...", file=sys.stderr, flush=True))
     for prec, run in runs.items():
         run.update(foreground_fraction=float((outputs[prec][0] > 0).mean()),
-                   dice_vs_ground_truth=C.dice(outputs[prec][0] > 0, label > 0))
+                   dice_vs_ground_truth=C.dice(outputs[prec][0] > 0, label > 0),
+                   parts_mean_s={name: timers[prec].totals[name] / args.repeats for name in PARTS})
     payload = {"benchmark": "sliding_window_inference", "data": data_desc, "case": case,
                "volume_shape": list(image.shape), "patch": args.patch, "stride_xy": args.stride_xy,
                "stride_z": args.stride_z, "windows": n_windows, "window_batch": args.window_batch,
@@ -140,6 +152,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         (l32, s32), (l16, s16) = outputs["fp32"], outputs["bf16"]
         payload.update(speedup_bf16_vs_fp32={c: C.ratio(runs["fp32"][c]["median"], runs["bf16"][c]["median"])
                                              for c in ("wall", "cpu")},
+                       forward_speedup_bf16_vs_fp32=C.ratio(runs["fp32"]["parts_mean_s"]["forward"],
+                                                            runs["bf16"]["parts_mean_s"]["forward"]),
                        dice_bf16_vs_fp32=C.dice(l32 > 0, l16 > 0),
                        voxel_agreement_bf16_vs_fp32=float((l32 == l16).mean()),
                        max_abs_score_diff=float(np.abs(s32[1] - s16[1]).max()))
@@ -152,12 +166,16 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     rows = [[p, C.fmt_spread(r["wall"]), C.fmt_seconds(r["cpu"]["median"]), f"{r['foreground_fraction']:.4f}",
              f"{r['dice_vs_ground_truth']:.4f}"] for p, r in runs.items()]
     print(C.markdown_table(["precision", "wall median [min, max]", "CPU time", "fg fraction", "Dice vs GT"], rows))
+    print("mean time per volume by part of sliding_window_predict:")
+    print(C.markdown_table(["precision", *PARTS],
+                           [[p, *(C.fmt_seconds(r["parts_mean_s"][k]) for k in PARTS)] for p, r in runs.items()]))
     if "speedup_bf16_vs_fp32" in payload:
         sp = payload["speedup_bf16_vs_fp32"]
         print(f"bf16 vs fp32: speed-up {C.fmt_ratio(sp['wall'])} wall ({C.fmt_ratio(sp['cpu'])} CPU time), Dice "
               f"between the label maps {payload['dice_bf16_vs_fp32']:.5f}, voxel agreement "
               f"{100 * payload['voxel_agreement_bf16_vs_fp32']:.4f}%, max |score difference| "
-              f"{payload['max_abs_score_diff']:.2e}")
+              f"{payload['max_abs_score_diff']:.2e}; the network forwards alone "
+              f"{C.fmt_ratio(payload['forward_speedup_bf16_vs_fp32'])}")
     C.write_json(args.json, payload)
     return payload
 

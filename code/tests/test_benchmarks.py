@@ -249,6 +249,14 @@ def test_inference_fp32_vs_bf16_with_a_checkpoint(la_root, tmp_path):
     assert payload["weights"] == f"checkpoint {ckpt}" and payload["vnet"]["n_filters"] == 4
     assert 0 <= payload["dice_bf16_vs_fp32"] <= 1 and payload["speedup_bf16_vs_fp32"]["wall"] > 0
     assert 0 < payload["max_abs_score_diff"] < 1
+    for run in payload["runs"].values():
+        parts = run["parts_mean_s"]
+        assert list(parts) == ["prepare", "windows", "forward", "accumulate", "finish"]
+        assert all(v > 0 for v in parts.values())
+        # the parts are the whole call: their sum is the mean volume time, up to the timer's overhead
+        mean_wall = run["wall"]["median"]
+        assert 0.5 * mean_wall < sum(parts.values()) <= 1.5 * run["wall"]["max"]
+    assert payload["forward_speedup_bf16_vs_fp32"] > 0
 
 
 def test_clicks_benchmark_times_every_mask_kind(la_root, tmp_path):

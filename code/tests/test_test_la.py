@@ -1,6 +1,7 @@
 """Sliding-window inference (vs. the official loop), post-processing, and the test_LA.py script on real data."""
 import argparse
 import csv
+import itertools
 import json
 import math
 
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 import test_LA
 from dataloaders.la_heart import load_case
 from networks.vnet import VNet
+from training.timing import SectionTimer
 from utils.inference import (CheckpointError, _memory_format, can_fuse_conv_relu, canonical_strides, fold_batchnorm,
                              fuse_conv_relu, largest_connected_component, load_specialist, sliding_window_predict, window_starts)
 from utils.metrics import calculate_metric_percase
@@ -98,6 +100,13 @@ def test_channels_last_default_is_on_where_measured_faster():
     from utils.inference import channels_last_default
     assert channels_last_default("cpu") and channels_last_default(torch.device("cuda", 1))
     assert not channels_last_default("mps") and not channels_last_default("meta")
+
+
+def test_softmax_with_float32_dtype_equals_softmax_of_float_logits():
+    """sliding_window_predict takes the softmax of bf16 logits with dtype=float32 (no float32 copy first)."""
+    torch.manual_seed(4)
+    logits = (3 * torch.randn(3, 2, 8, 6, 4)).to(torch.bfloat16).contiguous(memory_format=torch.channels_last_3d)
+    assert torch.equal(torch.softmax(logits, dim=1, dtype=torch.float32), torch.softmax(logits.float(), dim=1))
 
 
 def test_memory_format_restrides_one_channel_weights_and_restores_them():
@@ -190,6 +199,13 @@ def test_sliding_window_modes_devices_and_amp(small_net):
     _, cl_score = sliding_window_predict(small_net, image, (32, 32, 16), 8, 4, channels_last=True)
     np.testing.assert_allclose(cl_score, contiguous_score, rtol=0, atol=1e-5)
     assert small_net.block_two.conv[0].weight.is_contiguous()
+    # a timer sees every part of the call, once per batch of windows for the loop parts, and changes nothing
+    timer = SectionTimer()
+    _, timed_score = sliding_window_predict(small_net, image, (32, 32, 16), 8, 4, timer=timer)
+    np.testing.assert_array_equal(timed_score, cl_score)
+    batches = math.ceil(len(list(itertools.product(*(window_starts(s, p, st) for s, p, st in zip(
+        [max(s, p) for s, p in zip(image.shape, (32, 32, 16))], (32, 32, 16), (8, 8, 4)))))) / 4)
+    assert timer.counts == {"prepare": 1, "windows": batches, "forward": batches, "accumulate": batches, "finish": 1}
     with pytest.raises(ValueError, match="net.to"):
         sliding_window_predict(small_net, image, (32, 32, 16), 8, 4, device="meta")
     with pytest.raises(ValueError, match="outputs 2 classes but num_classes=3"):

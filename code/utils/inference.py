@@ -12,7 +12,7 @@ import math
 import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, ContextManager, Sequence
 
 import numpy as np
 import torch
@@ -162,6 +162,10 @@ def channels_last_default(device: torch.device | str) -> bool:
     return torch.device(device).type in CHANNELS_LAST_DEVICES
 
 
+def _no_timer(name: str) -> ContextManager:
+    return nullcontext()
+
+
 def canonical_strides(shape: Sequence[int], memory_format: torch.memory_format) -> tuple[int, ...]:
     """The strides ``torch.empty(shape, memory_format=memory_format)`` gets."""
     return torch.empty(tuple(shape), device="meta", memory_format=memory_format).stride()
@@ -192,7 +196,8 @@ def _memory_format(net: torch.nn.Module, channels_last: bool):
 def sliding_window_predict(net: torch.nn.Module, image, patch_size=(112, 112, 80), stride_xy: int = 18,
                            stride_z: int = 4, num_classes: int = 2, window_batch: int = 4, amp_dtype=None,
                            device="cpu", channels_last: bool | None = None,
-                           fold_bn: bool = True) -> tuple[np.ndarray, np.ndarray]:
+                           fold_bn: bool = True, timer: Callable[[str], ContextManager] | None = None
+                           ) -> tuple[np.ndarray, np.ndarray]:
     """Segment a whole volume with overlapping windows (UA-MT ``test_single_case`` semantics).
 
     Args:
@@ -213,11 +218,16 @@ def sliding_window_predict(net: torch.nn.Module, image, patch_size=(112, 112, 80
         fold_bn: run a copy of the net with its eval-mode BatchNorm folded into the convolutions
             (``fold_batchnorm``: same scores up to rounding, ~10 % faster) and, on CPU, each conv + ReLU as
             one oneDNN call (``fuse_conv_relu``: same scores up to rounding, another 6-7 %).
+        timer: optional ``timer(name)`` context-manager factory (e.g. ``training.timing.SectionTimer``) that
+            gets the parts of the call: 'prepare' (the folded copy and its layout), 'windows' (cutting and
+            stacking), 'forward' (the network calls), 'accumulate' (softmax and window sums), 'finish'
+            (averaging, label map, crop and copy to numpy). For benchmarks; the results are the same.
 
     Returns:
         label_map np.uint8 (X, Y, Z): argmax of the averaged probabilities (first class on ties);
         score_map np.float32 (C, X, Y, Z): per voxel, the mean softmax over the windows covering it.
     """
+    timer = timer or _no_timer
     image = np.asarray(image)
     if image.ndim != 3:
         raise ValueError(f"image must be a 3-D (X, Y, Z) array, got shape {image.shape}")
@@ -242,38 +252,44 @@ def sliding_window_predict(net: torch.nn.Module, image, patch_size=(112, 112, 80
     was_training = net.training
     net.eval()
     try:
-        run = fold_batchnorm(net) if fold_bn else net
-        # The folded copy is ours: on CPU its conv + ReLU pairs become single oneDNN calls, which do not
-        # autocast, so the copy is converted to the autocast dtype instead; it then computes what autocast
-        # would (the V-Net's convolutions in that dtype, everything else in their inputs' dtype), up to the
-        # rounding of the fused kernels (bit for bit for LA-sized windows on the project's CPU).
-        fused = fold_bn and device.type == "cpu" and can_fuse_conv_relu()
-        input_dtype = amp_dtype if fused else None        # None: the windows stay float32
-        autocast_dtype = None if fused else amp_dtype
-        if fused:
-            run = fuse_conv_relu(run.to(input_dtype) if input_dtype is not None else run)
+        with timer("prepare"):
+            run = fold_batchnorm(net) if fold_bn else net
+            # The folded copy is ours: on CPU its conv + ReLU pairs become single oneDNN calls, which do not
+            # autocast, so the copy is converted to the autocast dtype instead; it then computes what autocast
+            # would (the V-Net's convolutions in that dtype, everything else in their inputs' dtype), up to the
+            # rounding of the fused kernels (bit for bit for LA-sized windows on the project's CPU).
+            fused = fold_bn and device.type == "cpu" and can_fuse_conv_relu()
+            input_dtype = amp_dtype if fused else None        # None: the windows stay float32
+            autocast_dtype = None if fused else amp_dtype
+            if fused:
+                run = fuse_conv_relu(run.to(input_dtype) if input_dtype is not None else run)
+            # windows overlap: converting the volume once gives the same window values as converting each
+            source = volume.to(input_dtype) if input_dtype is not None else volume
         with torch.inference_mode(), _memory_format(run, channels_last) as fmt:
             for first in range(0, len(starts), window_batch):
                 chunk = starts[first:first + window_batch]
-                batch = torch.stack([volume[x:x + px, y:y + py, z:z + pz] for x, y, z in chunk]).unsqueeze(1)
-                batch = batch.contiguous(memory_format=fmt)
-                with _autocast(device, autocast_dtype):
-                    logits = run(batch if input_dtype is None else batch.to(input_dtype))
+                with timer("windows"):
+                    batch = torch.stack([source[x:x + px, y:y + py, z:z + pz] for x, y, z in chunk]).unsqueeze(1)
+                    batch = batch.contiguous(memory_format=fmt)
+                with timer("forward"), _autocast(device, autocast_dtype):
+                    logits = run(batch)
                 if logits.shape[1] != num_classes:
                     raise ValueError(f"the network outputs {logits.shape[1]} classes but num_classes={num_classes}")
-                probs = torch.softmax(logits.float(), dim=1)
-                # One window at a time, in the official order, so the float sums are the official ones.
-                for (x, y, z), p in zip(chunk, probs):
-                    score[:, x:x + px, y:y + py, z:z + pz] += p
-                    count[x:x + px, y:y + py, z:z + pz] += 1
+                with timer("accumulate"):
+                    probs = torch.softmax(logits, dim=1, dtype=torch.float32)   # = softmax(logits.float())
+                    # One window at a time, in the official order, so the float sums are the official ones.
+                    for (x, y, z), p in zip(chunk, probs):
+                        score[:, x:x + px, y:y + py, z:z + pz] += p
+                        count[x:x + px, y:y + py, z:z + pz] += 1
     finally:
         net.train(was_training)
 
-    score /= count
-    # max(dim).indices: the same first-maximum index as argmax, ~15x faster over a leading dim of 2 on CPU
-    label = score.max(dim=0).indices.to(torch.uint8)
-    crop = tuple(slice(lo, lo + s) for (lo, _), s in zip(pads, image.shape))
-    return label[crop].cpu().numpy(), score[(slice(None),) + crop].cpu().numpy()
+    with timer("finish"):
+        score /= count
+        # max(dim).indices: the same first-maximum index as argmax, ~15x faster over a leading dim of 2 on CPU
+        label = score.max(dim=0).indices.to(torch.uint8)
+        crop = tuple(slice(lo, lo + s) for (lo, _), s in zip(pads, image.shape))
+        return label[crop].cpu().numpy(), score[(slice(None),) + crop].cpu().numpy()
 
 
 def largest_connected_component(mask: np.ndarray) -> np.ndarray:
