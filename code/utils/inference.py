@@ -152,8 +152,8 @@ def fuse_conv_relu(net: torch.nn.Module) -> torch.nn.Module:
 
 
 # devices where channels_last_3d made the V-Net faster, measured by our benchmarks: CPU (oneDNN; a mean-teacher
-# step 1.3x, inference 1.15x fp32 / 1.36x bf16) and CUDA (H100 with cuDNN: a mean-teacher step at 128^3 1.8x
-# in fp32, 2.0x in bf16; its no-grad teacher forward 1.7x), results/README.md
+# step 1.3x, inference of an LA volume 1.32x fp32 / 1.40x bf16) and CUDA (H100 with cuDNN: a mean-teacher step
+# at 128^3 1.8x in fp32, 2.0x in bf16; its no-grad teacher forward 1.7x), results/README.md
 CHANNELS_LAST_DEVICES = ("cpu", "cuda")
 
 
