@@ -189,3 +189,39 @@ def test_fast_distance_transform_gives_the_same_deepest_voxels_as_scipy(monkeypa
     slow = [clicks._deepest_voxel_of_largest_region(m, np.zeros_like(m)) for m in cases]
     assert fast == slow
     assert fast[3] == (4, 4, 4)
+
+
+def test_batched_cropped_labelling_gives_the_plain_computations_voxels():
+    # _deepest_voxels labels each error mask on its bounding box, in threads: the same clicks as labelling
+    # the whole volume, including ties between equal-sized components (the lower label wins) and FN/FP ties
+    import numpy as np
+    from scipy import ndimage
+
+    import utils.clicks as clicks
+    rng = np.random.default_rng(7)
+    checked = 0
+    for trial in range(120):
+        shape = tuple(int(n) for n in rng.integers(3, 22, size=3))
+        batch = int(rng.integers(1, 4))
+        target = torch.from_numpy(rng.random((batch,) + shape) < rng.uniform(0.02, 0.7))
+        if trial % 3 == 0:
+            pred = torch.zeros_like(target)
+        elif trial % 3 == 1:
+            pred = torch.from_numpy(rng.random((batch,) + shape) < rng.uniform(0.0, 0.7))
+        else:
+            pred = torch.from_numpy(ndimage.binary_opening(rng.random((batch,) + shape) < 0.6,
+                                                           structure=np.ones((1, 3, 3, 3))))
+        fn, fp = target & ~pred, pred & ~target
+        plain = [clicks._deepest_voxel_of_largest_region(fn[b].numpy(), fp[b].numpy()) for b in range(batch)]
+        assert clicks._deepest_voxels(fn, fp) == plain
+        checked += sum(v is not None for v in plain)
+    # equal-sized components away from the origin: the crop must keep their numbering
+    two = torch.zeros((1, 12, 12, 12), dtype=torch.bool)
+    two[0, 6:9, 6:9, 2:5] = True
+    two[0, 6:9, 6:9, 8:11] = True
+    assert clicks._deepest_voxels(two, torch.zeros_like(two)) == [(7, 7, 3)]
+    # an FN and an FP region of the same size: FN wins
+    fp_tie = torch.zeros_like(two)
+    fp_tie[0, 1:4, 1:4, 1:4] = True
+    assert clicks._deepest_voxels(two & (torch.arange(12) < 6), fp_tie) == [(7, 7, 3)]
+    assert checked > 150

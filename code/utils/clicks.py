@@ -23,6 +23,8 @@ Coordinates are int64 voxel indices in tensor-axis order (X, Y, Z) of the SAM in
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import torch
 from scipy import ndimage
@@ -57,40 +59,93 @@ def _depth(mask: np.ndarray) -> np.ndarray:
     return ndimage.distance_transform_edt(mask)
 
 
+def _any(mask: torch.Tensor, dim: int) -> torch.Tensor:
+    """``mask.any(dim)`` for a bool tensor, as a uint8 maximum: PyTorch's CPU bool ``any`` took 1.4 ms over
+    a 2 x 128^3 batch, the maximum 0.03-0.06 ms."""
+    return mask.view(torch.uint8).amax(dim=dim).bool()
+
+
 def _span(projection: np.ndarray) -> slice:
     """The slice from the first to the last True entry of a 1-D bool array (at least one True)."""
     nz = np.flatnonzero(projection)
     return slice(int(nz[0]), int(nz[-1]) + 1)
 
 
-def _deepest_voxel_of_largest_region(fn: np.ndarray, fp: np.ndarray) -> tuple[int, ...] | None:
-    """Voxel (x, y, z) of maximal distance to the boundary inside the largest error region.
+def _components(err: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """6-connected components of a bool array -> (labels int32 same shape, sizes (n,) of components 1..n).
+    A single component (a trained specialist's usual mask) is counted without a pass over the labels."""
+    labels, n = ndimage.label(err)
+    if n == 1:
+        return labels, np.array([np.count_nonzero(err)])
+    return labels, np.bincount(labels.ravel(), minlength=n + 1)[1:]
 
-    fn, fp: bool arrays (X, Y, Z). Returns None when there is no error voxel.
+
+def _deepest_voxel(regions: list) -> tuple[int, ...] | None:
+    """The click of ``next_clicks``' EDT rule from labelled error masks.
+
+    regions: [(offset (3 ints), labels, sizes)] for the non-empty ones of a sample's FN and FP masks
+    (FN first), each labelled on a box of the volume that starts at ``offset`` and holds all its voxels.
+    Returns the volume voxel (x, y, z) of maximal distance to the boundary inside the largest component
+    (most voxels; a tie keeps the earlier region, i.e. FN, and the lower label, as np.argmax), or None.
     """
-    best = None  # (size, is_fn, labels, component id)
-    for is_fn, err in ((True, fn), (False, fp)):
-        if not err.any():
-            continue
-        labels, n = ndimage.label(err)
-        sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+    best = None  # (size, offset, labels, component id)
+    for offset, labels, sizes in regions:
         comp = int(np.argmax(sizes))
-        # strict '>' keeps the FN region on a size tie (it is examined first)
+        # strict '>' keeps the FN region on a size tie (it comes first)
         if best is None or sizes[comp] > best[0]:
-            best = (int(sizes[comp]), is_fn, labels, comp + 1)
+            best = (int(sizes[comp]), offset, labels, comp + 1)
     if best is None:
         return None
-    _, _, labels, comp_id = best
+    _, offset, labels, comp_id = best
     # the bounding box of this one component, from its projections on the three axes: find_objects(labels)
     # would build a slice tuple for each of the (early in training, tens of thousands of) components, and the
     # garbage collector passes that this triggers in a training process took ~1 s per call
     component = labels == comp_id
     box = tuple(_span(component.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3))
     region = component[box]
-    # zero padding: voxels on the volume border are at distance 1 from the outside (RITM convention)
+    # zero padding: voxels on the volume border are at distance 1 from the outside (RITM convention); the
+    # box holds the whole component, so its distances are those in the whole volume
     dist = _depth(np.pad(region, 1))[1:-1, 1:-1, 1:-1]
     local = np.unravel_index(int(np.argmax(dist)), dist.shape)
-    return tuple(int(sl.start + i) for sl, i in zip(box, local))
+    return tuple(int(o + sl.start + i) for o, sl, i in zip(offset, box, local))
+
+
+def _deepest_voxel_of_largest_region(fn: np.ndarray, fp: np.ndarray) -> tuple[int, ...] | None:
+    """Voxel (x, y, z) of maximal distance to the boundary inside the largest error region, labelling the
+    whole volume (the plain computation; ``_deepest_voxels`` gives the same voxels faster).
+
+    fn, fp: bool arrays (X, Y, Z). Returns None when there is no error voxel.
+    """
+    return _deepest_voxel([((0, 0, 0),) + _components(err) for err in (fn, fp) if err.any()])
+
+
+def _deepest_voxels(fn: torch.Tensor, fp: torch.Tensor) -> list:
+    """``_deepest_voxel_of_largest_region`` for each sample of fn, fp (B, X, Y, Z) bool (any device).
+
+    The same voxels, cheaper: each mask is labelled on its bounding box only (found on the tensors' device,
+    so only the box travels to the host; every component lies inside it, and the labelling scans it in the
+    same relative C order, so the components and their numbering are the same), and the labellings of the
+    batch run in threads (scipy's labelling releases the GIL; the distance transform does not and has its
+    own threads)."""
+    crops = []  # (sample, offset, host crop), FN ones first
+    for err in (fn, fp):
+        yz = _any(err, 1)  # (B, Y, Z)
+        spans = [t.cpu().numpy() for t in (_any(err.flatten(2), 2), _any(yz, 2), _any(yz, 1))]
+        for b in range(err.shape[0]):
+            if not spans[0][b].any():
+                continue
+            box = tuple(_span(s[b]) for s in spans)
+            crops.append((b, tuple(sl.start for sl in box), err[(b,) + box].contiguous().cpu().numpy()))
+    workers = min(len(crops), max(1, torch.get_num_threads()))
+    if workers > 1:
+        with ThreadPoolExecutor(workers) as pool:
+            labelled = list(pool.map(lambda c: _components(c[2]), crops))
+    else:
+        labelled = [_components(c[2]) for c in crops]
+    regions: list[list] = [[] for _ in range(fn.shape[0])]
+    for (b, offset, _), lab in zip(crops, labelled):
+        regions[b].append((offset,) + lab)
+    return [_deepest_voxel(r) for r in regions]
 
 
 _BLOCK = 4096  # voxels per block of the two-level search in _kth_true
@@ -104,7 +159,9 @@ def _block_counts(pool: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if blocks * _BLOCK != n:
         pool = torch.cat([pool, pool.new_zeros(batch, blocks * _BLOCK - n)], dim=1)
     pool = pool.view(batch, blocks, _BLOCK)
-    return pool, pool.sum(dim=2).cumsum(dim=1)
+    # summed as uint8 into int32 (at most _BLOCK per block): a bool sum converts every voxel to int64 first
+    # (9 ms against 0.4 ms on a 2 x 128^3 batch here)
+    return pool, pool.view(torch.uint8).sum(dim=2, dtype=torch.int32).cumsum(dim=1, dtype=torch.int64)
 
 
 def _kth_true(pool: torch.Tensor, k: torch.Tensor, counts=None) -> torch.Tensor:
@@ -152,19 +209,18 @@ def next_clicks(pred: torch.Tensor, target: torch.Tensor, click_index: int,
     batch, shape = pred.shape[0], pred.shape[1:]
     pred_flat, target_flat = pred.flatten(1), target.flatten(1)
     error = pred_flat ^ target_flat
-    has_error = error.any(dim=1)
+    has_error = _any(error, 1)
     if bool(has_error.all()):
         pool = error  # where random clicks may land
         no_error_positive = torch.zeros_like(has_error)
     else:
-        target_any = target_flat.any(dim=1, keepdim=True)
+        target_any = _any(target_flat, 1).unsqueeze(1)
         fallback = torch.where(target_any, target_flat, torch.ones_like(target_flat))
         pool = torch.where(has_error.unsqueeze(1), error, fallback)
         # without any error the click confirms the target (positive) or marks background (negative)
         no_error_positive = ~has_error & target_any.squeeze(1)
     if click_index < edt_clicks:
-        fn_np, fp_np = (target & ~pred).cpu().numpy(), (pred & ~target).cpu().numpy()
-        deepest = [_deepest_voxel_of_largest_region(fn_np[b], fp_np[b]) for b in range(batch)]
+        deepest = _deepest_voxels(target & ~pred, pred & ~target)
         flat = torch.tensor([int(np.ravel_multi_index(v, tuple(shape))) if v is not None else -1
                              for v in deepest], dtype=torch.long).to(pred.device)
         if any(v is None for v in deepest):  # samples without error fall back to a random voxel
