@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# GPU pass at paper settings (about 11 minutes on one H100-class GPU: under a 10-minute limit per command run
-# it as --only smoke,step128,infer,encoder then --only step,stepbf16,layout,hostcpu): smoke, then benchmarks.
+# GPU pass at paper settings (about 10 minutes on one H100: under a 10-minute limit per command run it as
+# --only smoke,step128,infer,encoder,hostcpu then --only step,stepbf16,layout): smoke, then benchmarks.
 #
 #   bash code/benchmarks/gpu_check.sh [--root_path LA_ROOT | --synthetic] [--out DIR] [--quick] [--only S,S]
 #
