@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from dataloaders.la_heart import list_path, read_list
+from utils.bf16 import require_native_bf16
 from utils.inference import checkpoint_path, evaluate, load_specialist
 
 ROOT_PATH = "../data/2018LA_Seg_Training Set"
@@ -189,6 +190,8 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     ckpt, test_list, out_dir = resolve_paths(args)
     device = torch.device(args.device)
+    if args.amp == "bf16":
+        require_native_bf16(device)
     cases = read_list(test_list)
     if args.max_cases is not None:
         cases = cases[:args.max_cases]

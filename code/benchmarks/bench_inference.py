@@ -22,6 +22,7 @@ map's Dice with the ground truth (meaningful with a trained checkpoint).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -30,6 +31,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import common as C  # noqa: E402
+from utils.bf16 import bf16_supported  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -147,7 +149,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                "stride_z": args.stride_z, "windows": n_windows, "window_batch": args.window_batch,
                "channels_last": args.channels_last,
                "vnet": vnet_cfg, "weights": weights, "device": str(device), "repeats": args.repeats,
-               "runs": runs, "machine": C.machine_info(device)}
+               "runs": runs, "machine": C.machine_info(device),
+               # False: bf16 ran the plain autocast path on emulated kernels (utils.bf16), not the fused one
+               "native_bf16": bf16_supported(device), "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA")}
     if "fp32" in outputs and "bf16" in outputs:
         (l32, s32), (l16, s16) = outputs["fp32"], outputs["bf16"]
         payload.update(speedup_bf16_vs_fp32={c: C.ratio(runs["fp32"][c]["median"], runs["bf16"][c]["median"])

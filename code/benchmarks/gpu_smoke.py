@@ -20,6 +20,9 @@ The unit tests run on CPU only; this drives the real entry scripts, each in its 
 8. ``test_LA.py`` on the first K test cases with 1's checkpoint, fp32 and ``--amp bf16`` (Dice, Jaccard,
    HD95 and ASD in mm from its summary.json).
 
+On a CPU device without native bfloat16 (``utils.bf16``) the ``--amp bf16`` commands (3 and 8) must refuse
+instead, with exit status 2 and one line saying why; that is what is checked there.
+
 Settings are the scripts' own (paper patch sizes, batch 4) with a RANDOM-weight vit_b_ori generalist, so the
 numbers say that every path runs and what it costs, not how well it segments. ``--quick`` shrinks the patch,
 the V-Net and the generalist (vit_tiny_demo) so the whole check runs on a CPU in about a minute. Each step
@@ -42,13 +45,19 @@ if __package__ in (None, ""):
 import torch
 
 from benchmarks import common as C
+from utils.bf16 import NO_NATIVE_BF16_TEXT, bf16_supported
 
 CODE_DIR = Path(__file__).resolve().parent.parent
 QUICK = dict(patch=["48", "48", "32"], n_filters="4", arch="vit_tiny_demo")
 
 
-def _run(cmd: Sequence[str], timeout: float, env: Optional[dict] = None) -> dict:
-    """Run one command from code/; {'command', 'rc', 'seconds', 'tail' (on failure)}."""
+REFUSAL_RC = 2       # the entry scripts' exit status for an error the user can fix
+
+
+def _run(cmd: Sequence[str], timeout: float, env: Optional[dict] = None, refusal: Optional[str] = None) -> dict:
+    """Run one command from code/; {'command', 'rc', 'seconds', 'tail' (on failure)}. With ``refusal`` the
+    command must instead refuse to run: exit status 2 and that text in its last output line
+    ({'refused_as_expected': bool} is added)."""
     print("+", " ".join(cmd), flush=True)
     t0 = time.perf_counter()
     try:
@@ -59,6 +68,13 @@ def _run(cmd: Sequence[str], timeout: float, env: Optional[dict] = None) -> dict
         rc, out = "timeout", f"{err.stdout or ''}{err.stderr or ''}"
         out = out.decode(errors="replace") if isinstance(out, bytes) else out
     rec = {"command": " ".join(cmd), "rc": rc, "seconds": round(time.perf_counter() - t0, 1)}
+    if refusal is not None:
+        lines = [line for line in out.splitlines() if line.strip()]
+        rec["refused_as_expected"] = rc == REFUSAL_RC and bool(lines) and refusal in lines[-1]
+        rec["tail"] = out[-3000:]
+        print(f"  {'refused as expected' if rec['refused_as_expected'] else 'NOT REFUSED AS EXPECTED'}: "
+              f"{lines[-1] if lines else ''}", flush=True)
+        return rec
     if rc != 0:
         rec["tail"] = out[-3000:]
         print(f"  FAILED ({rc}):\n{rec['tail']}", flush=True)
@@ -93,9 +109,12 @@ def run_smoke(args) -> dict:
     sam = ["--generalist", str(ckpt), "--generalist_arch", arch]
     py = sys.executable
     steps: dict = {}
+    # on a CPU without native bfloat16 the scripts must refuse --amp bf16 (utils.bf16): check that instead
+    bf16_refusal = None if bf16_supported(args.device) else NO_NATIVE_BF16_TEXT
 
     def train(name: str, script: str, *extra: str, launcher: Sequence[str] = (py,)) -> bool:
-        steps[name] = _run([*launcher, script, *base, "--exp", name, *extra], args.timeout)
+        refusal = bf16_refusal if "bf16" in extra else None
+        steps[name] = _run([*launcher, script, *base, "--exp", name, *extra], args.timeout, refusal=refusal)
         return steps[name]["rc"] == 0
 
     if train("semisam_fp32", "train_LA_semisam_mt.py", *sam):
@@ -137,11 +156,11 @@ def run_smoke(args) -> dict:
                    "--no_save_nii"]
             if args.quick:
                 cmd += ["--patch_size", *QUICK["patch"]]
-            steps[f"test_{amp}"] = _run(cmd, args.timeout)
+            steps[f"test_{amp}"] = _run(cmd, args.timeout, refusal=bf16_refusal if amp == "bf16" else None)
             if (out / "summary.json").is_file():
                 summary = json.loads((out / "summary.json").read_text())
                 metrics[amp] = {k: summary[k] for k in ("mean", "distance_unit") if k in summary}
-    failed = [k for k, v in steps.items() if v["rc"] != 0]
+    failed = [k for k, v in steps.items() if v.get("refused_as_expected", v["rc"] == 0) is not True]
     if steps.get("semisam_plus_unc_val", {}).get("best_model_written") is False:
         failed.append("semisam_plus_unc_val wrote no best_model.pth")
     if not ckpt_path.is_file():
@@ -149,7 +168,8 @@ def run_smoke(args) -> dict:
     resume_diff = steps.get("semisam_resumed_part2", {}).get("max_abs_diff_to_uninterrupted")
     if resume_diff is None or resume_diff != 0.0:
         failed.append(f"resumed run vs uninterrupted run: max |difference| {resume_diff} (expected 0.0)")
-    return {"machine": C.machine_info(torch.device(args.device)), "data": data_desc, "generalist": arch,
+    return {"machine": C.machine_info(torch.device(args.device)), "native_bf16": bf16_refusal is None,
+            "data": data_desc, "generalist": arch,
             "iterations": n, "quick": args.quick, "steps": steps, "test_metrics": metrics, "failed": failed}
 
 

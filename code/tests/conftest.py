@@ -23,6 +23,13 @@ if str(CODE_DIR) not in sys.path:
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+def cpu_training_amp() -> str:
+    """'bf16' where this CPU computes bfloat16 natively, else 'none': the scripts refuse ``--amp bf16`` on CPUs
+    without it (utils.bf16), so tests of other paths (timers, layouts, ratios) train in float32 there."""
+    from utils.bf16 import native_cpu_bf16
+    return "bf16" if native_cpu_bf16() else "none"
+
+
 def _env_dir(var: str, must_contain: list[str]) -> Path:
     value = os.environ.get(var)
     if not value:

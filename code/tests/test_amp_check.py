@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from training import amp_check
+from utils import bf16
 from training.amp_check import bf16_conv_weight_grad_ok, check_bf16_training, vnet_level_depths
 from training.run import main
 from tests.test_train_common import run_args
@@ -42,7 +43,13 @@ def test_probe_agrees_with_a_direct_comparison_on_this_machine(depth):
     assert bf16_conv_weight_grad_ok(depth) == _direct_check(depth)
 
 
+def _as_if_native(monkeypatch):
+    """Skip the native-bf16 refusal, so the defect probe's refusal is tested on every CPU."""
+    monkeypatch.setattr(amp_check, "require_native_bf16", lambda device: None)
+
+
 def test_level_depths_and_the_refusal_message(monkeypatch):
+    _as_if_native(monkeypatch)
     assert vnet_level_depths(32) == [32, 16, 8, 4, 2] and vnet_level_depths(112) == [112, 56, 28, 14, 7]
     monkeypatch.setattr(amp_check, "bf16_conv_weight_grad_ok", lambda depth, *a, **k: depth != 2)
     check_bf16_training((48, 32, 16), torch.device("cpu"))               # levels 48, 24, 12, 6, 3
@@ -53,9 +60,45 @@ def test_level_depths_and_the_refusal_message(monkeypatch):
 
 
 def test_bf16_training_is_refused_before_any_step(monkeypatch, la_root, la_data_dir, tmp_path):
+    _as_if_native(monkeypatch)
     monkeypatch.setattr(amp_check, "bf16_conv_weight_grad_ok", lambda depth, *a, **k: depth != 2)
     train_list = tmp_path / "train.list"
     train_list.write_text("\n".join((la_root / "train.list").read_text().split()[:3]) + "\n")
     with pytest.raises(ValueError, match="--amp bf16 is unsafe here"):
         main({}, run_args(la_data_dir, train_list, tmp_path, "bf16_refused", "--amp", "bf16"))
     assert not (tmp_path / "bf16_refused" / "train_state.pth").exists()
+
+
+# ------------------------------------------------------------------ CPUs without native bfloat16 (utils.bf16)
+def test_native_bf16_probe_can_be_forced_off(monkeypatch):
+    monkeypatch.setenv(bf16.FORCE_ENV, "0")
+    assert not bf16.native_cpu_bf16() and not bf16.bf16_supported("cpu")
+    assert bf16.bf16_supported("cuda") and bf16.bf16_supported(torch.device("meta"))   # only CPUs are probed
+    bf16.require_native_bf16("meta")
+    with pytest.raises(bf16.NoNativeBf16Error, match=r"^--amp bf16: this CPU has no native bfloat16 support "
+                                                     r"\(oneDNN needs AVX-512.*use --amp none") as err:
+        bf16.require_native_bf16("cpu")
+    assert "\n" not in str(err.value)
+    monkeypatch.setenv(bf16.FORCE_ENV, "yes")
+    with pytest.raises(ValueError, match="SEMISAM_CPU_BF16='yes': expected 0"):
+        bf16.native_cpu_bf16()
+    monkeypatch.setenv(bf16.FORCE_ENV, "auto")
+    assert bf16.native_cpu_bf16() == bf16._probe()
+
+
+def test_bf16_training_is_refused_without_native_bf16(monkeypatch, la_root, la_data_dir, tmp_path):
+    monkeypatch.setenv(bf16.FORCE_ENV, "0")
+    train_list = tmp_path / "train.list"
+    train_list.write_text("\n".join((la_root / "train.list").read_text().split()[:3]) + "\n")
+    with pytest.raises(bf16.NoNativeBf16Error, match="no native bfloat16"):
+        main({}, run_args(la_data_dir, train_list, tmp_path, "bf16_emulated", "--amp", "bf16"))
+    assert not (tmp_path / "bf16_emulated" / "train_state.pth").exists()
+
+
+def test_bf16_evaluation_is_refused_without_native_bf16(monkeypatch, la_data_dir, tmp_path):
+    import test_LA
+    monkeypatch.setenv(bf16.FORCE_ENV, "0")
+    with pytest.raises(bf16.NoNativeBf16Error, match="no native bfloat16"):
+        test_LA.main(["--root_path", str(la_data_dir), "--model_path", str(tmp_path / "any.pth"), "--amp", "bf16",
+                      "--device", "cpu", "--out_dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()

@@ -15,6 +15,8 @@ import torch
 
 from benchmarks import bench_clicks, bench_encoder, bench_inference, bench_step, gpu_smoke
 from benchmarks import common as C
+from tests.conftest import cpu_training_amp
+from utils.bf16 import bf16_supported
 
 BENCH_DIR = Path(bench_step.__file__).resolve().parent
 TINY_STEP = ["--patch_size", "32", "32", "16", "--batch_size", "2", "--labeled_bs", "1", "--n_filters", "4",
@@ -170,18 +172,19 @@ def test_step_compare_in_fresh_processes(la_root, tmp_path, monkeypatch):
 
 def test_step_rounds_pool_steps_and_ratios_need_comparable_settings(la_root):
     # patch depth 48: at 32 a V-Net level has depth 2, where bf16 training is refused (training/amp_check.py)
-    payload = bench_step.main(["--compare", "uamt", "sup:amp=bf16", "--in_process", "--rounds", "2",
+    amp = cpu_training_amp()     # bf16 where the CPU has it natively (refused elsewhere: utils.bf16)
+    payload = bench_step.main(["--compare", "uamt", f"sup:amp={amp}", "--in_process", "--rounds", "2",
                                "--root_path", str(la_root), *TINY_STEP, "--patch_size", "48", "32", "16",
                                *KEEP_MALLOC, "--steps", "1",
                                "--uamt_passes", "2"])
     uamt, sup = payload["results"]
     assert uamt["rounds"] == 2 and uamt["step"]["n"] == 2 and len(uamt["loadavg"]) == 2
-    assert uamt["settings"]["uamt_passes"] == 2 and sup["settings"]["amp"] == "bf16"
+    assert uamt["settings"]["uamt_passes"] == 2 and sup["settings"]["amp"] == amp
     assert uamt["settings"]["tune_malloc"] is False
     assert uamt["sections"]["uncertainty"]["median"] > 0 and "teacher" not in sup["sections"]
     rel = payload["ratios_to_first"]
-    # sup lacks the teacher and runs in bf16: uamt is no base for it, nor it for uamt
-    assert rel["sup:amp=bf16"]["within_base"] == "sup:amp=bf16" and rel["sup:amp=bf16"]["within_process"] == 1.0
+    # sup lacks the teacher: uamt is no base for it, nor it for uamt
+    assert rel[f"sup:amp={amp}"]["within_base"] == f"sup:amp={amp}" and rel[f"sup:amp={amp}"]["within_process"] == 1.0
     assert rel["uamt"]["within_base"] == "uamt"
     assert bench_step.within_process_ratio(sup, uamt) is None
 
@@ -344,7 +347,13 @@ def test_gpu_smoke_runs_the_scripts_end_to_end(tmp_path):
                                  "uamt_fp32", "semisam_plus_unc_val", "pretrain_finetune", "test_none", "test_bf16"}
     assert out["steps"]["semisam_plus_unc_val"]["best_model_written"] is True
     assert out["steps"]["semisam_resumed_part2"]["max_abs_diff_to_uninterrupted"] == 0.0
-    for amp in ("none", "bf16"):
+    # without native bf16 the bf16 commands must refuse (one line, exit 2) instead of running
+    assert out["native_bf16"] == bf16_supported("cpu")
+    for name in ("semisam_bf16", "test_bf16"):
+        assert out["steps"][name].get("refused_as_expected", True) is True
+        assert ("refused_as_expected" in out["steps"][name]) != out["native_bf16"]
+    assert set(out["test_metrics"]) == ({"none", "bf16"} if out["native_bf16"] else {"none"})
+    for amp in out["test_metrics"]:
         mean = out["test_metrics"][amp]["mean"]
         assert set(mean) == {"dice", "jaccard", "hd95", "asd"} and 0.0 <= mean["dice"] <= 1.0
         assert out["test_metrics"][amp]["distance_unit"] == "mm"

@@ -17,6 +17,9 @@ from networks.vnet import VNet
 from training.timing import SectionTimer
 from utils.inference import (CheckpointError, _memory_format, can_fuse_conv_relu, canonical_strides, fold_batchnorm,
                              fuse_conv_relu, largest_connected_component, load_specialist, sliding_window_predict, window_starts)
+from utils import bf16
+from utils import inference as inference_module
+from utils.bf16 import native_cpu_bf16
 from utils.metrics import calculate_metric_percase
 
 
@@ -151,9 +154,16 @@ def test_fused_conv_relu_copy_matches_autocast(small_net, channels_last):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             ref = folded(x)
         fused16 = fuse_conv_relu(fold_batchnorm(small_net).to(torch.bfloat16).to(memory_format=fmt))
-        out16 = fused16(x.to(torch.bfloat16))
-        assert out16.dtype == ref.dtype == torch.bfloat16
-        torch.testing.assert_close(out16.float(), ref.float(), rtol=2 ** -7, atol=2 ** -7 * ref.float().abs().max())
+        if native_cpu_bf16():
+            out16 = fused16(x.to(torch.bfloat16))
+            assert out16.dtype == ref.dtype == torch.bfloat16
+            torch.testing.assert_close(out16.float(), ref.float(), rtol=2 ** -7,
+                                       atol=2 ** -7 * ref.float().abs().max())
+        else:
+            # a CPU without native bfloat16 (e.g. AVX2 only): oneDNN refuses the fused bf16 op, which is why
+            # sliding_window_predict does not use it there (test_bf16_inference_without_native_bf16)
+            with pytest.raises(RuntimeError, match="bf16"):
+                fused16(x.to(torch.bfloat16))
     n_fused = sum(type(m).__name__ == "_ConvReLU" for m in fused32.modules())
     assert n_fused == sum(isinstance(m, (torch.nn.Conv3d, torch.nn.ConvTranspose3d)) for m in small_net.modules()) - 1
     assert not any(isinstance(m, torch.nn.ReLU) for m in fused32.modules())   # only out_conv stays unfused
@@ -178,6 +188,41 @@ def test_label_map_takes_the_first_class_on_ties_like_argmax():
     label, score = sliding_window_predict(_ConstantLogits(), image, (16, 16, 8), 4, 2, num_classes=3)
     np.testing.assert_array_equal(label, np.argmax(score, axis=0))
     assert (label[0::2] == 0).all() and (label[1::2] == 2).all()
+
+
+def test_the_bf16_probe_tells_whether_the_fused_bf16_kernels_run(monkeypatch):
+    # the probe's answer (unforced) must be what oneDNN does on this CPU
+    monkeypatch.delenv(bf16.FORCE_ENV, raising=False)
+    conv = fuse_conv_relu(torch.nn.Sequential(torch.nn.Conv3d(1, 2, 3, padding=1), torch.nn.ReLU()).bfloat16())
+    try:
+        conv(torch.ones(1, 1, 4, 4, 4, dtype=torch.bfloat16))
+        runs = True
+    except RuntimeError:
+        runs = False
+    assert native_cpu_bf16() == runs
+
+
+@pytest.mark.parametrize("forced_off", [False, True])
+def test_bf16_inference_without_native_bf16(small_net, monkeypatch, forced_off):
+    # where the CPU has no native bfloat16 (forced here: SEMISAM_CPU_BF16=0, or a real AVX2-only CPU), bf16
+    # inference must run the plain autocast computation, never the fused oneDNN ops, and give the same scores
+    # as autocast on the folded copy; with native bf16 the fused path gives them up to bf16 rounding
+    if forced_off:
+        monkeypatch.setenv(bf16.FORCE_ENV, "0")
+    else:
+        monkeypatch.delenv(bf16.FORCE_ENV, raising=False)
+    native = native_cpu_bf16()
+    assert native == (False if forced_off else bf16._probe())
+    if not native:
+        def refuse(net):
+            raise AssertionError("fused oneDNN ops used without native bf16")
+        monkeypatch.setattr(inference_module, "fuse_conv_relu", refuse)
+    image = np.random.default_rng(2).normal(size=(40, 36, 20)).astype(np.float32)
+    label, score = sliding_window_predict(small_net, image, (32, 32, 16), 8, 4, amp_dtype=torch.bfloat16)
+    _, ref = sliding_window_predict(small_net, image, (32, 32, 16), 8, 4, amp_dtype=torch.bfloat16, fold_bn=False)
+    assert score.dtype == np.float32 and label.shape == image.shape
+    np.testing.assert_allclose(score, ref, rtol=0, atol=0.02)
+    np.testing.assert_allclose(score.sum(0), 1.0, atol=1e-5)
 
 
 def test_sliding_window_modes_devices_and_amp(small_net):

@@ -13,6 +13,8 @@ from typing import Callable, Iterable
 
 import torch
 
+from utils.bf16 import require_native_bf16
+
 # relative max error of a bf16 gradient against float32 that is still rounding (measured ~0.004)
 _TOLERANCE = 0.05
 
@@ -46,7 +48,9 @@ def vnet_level_depths(patch_depth: int, levels: int = 5) -> list[int]:
 
 def check_bf16_training(patch_size: Iterable[int], device: torch.device,
                         memory_format: torch.memory_format = torch.contiguous_format) -> None:
-    """Raise ValueError when a bf16 V-Net training at ``patch_size`` would hit the defect on ``device``."""
+    """Raise ValueError when a bf16 V-Net training at ``patch_size`` would be emulated (a CPU without native
+    bfloat16: :class:`utils.bf16.NoNativeBf16Error`) or hit the defect on ``device``."""
+    require_native_bf16(device)
     patch = tuple(int(s) for s in patch_size)
     for level, depth in enumerate(vnet_level_depths(patch[0])):
         if not bf16_conv_weight_grad_ok(depth, device, memory_format):

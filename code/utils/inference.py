@@ -20,6 +20,7 @@ from scipy import ndimage
 
 from dataloaders.la_heart import load_case
 from networks.vnet import VNet, vnet_config_from_state_dict
+from utils.bf16 import native_cpu_bf16
 from utils.metrics import calculate_metric_percase
 
 TRAIN_STATE_FORMAT = "semisam_train_state"
@@ -217,7 +218,8 @@ def sliding_window_predict(net: torch.nn.Module, image, patch_size=(112, 112, 80
             CUDA, where it was measured faster).
         fold_bn: run a copy of the net with its eval-mode BatchNorm folded into the convolutions
             (``fold_batchnorm``: same scores up to rounding, ~10 % faster) and, on CPU, each conv + ReLU as
-            one oneDNN call (``fuse_conv_relu``: same scores up to rounding, another 6-7 %).
+            one oneDNN call (``fuse_conv_relu``: same scores up to rounding, another 6-7 %; in bf16 only on
+            CPUs with native bfloat16, ``utils.bf16.native_cpu_bf16``).
         timer: optional ``timer(name)`` context-manager factory (e.g. ``training.timing.SectionTimer``) that
             gets the parts of the call: 'prepare' (the folded copy and its layout), 'windows' (cutting and
             stacking), 'forward' (the network calls), 'accumulate' (softmax and window sums), 'finish'
@@ -258,7 +260,10 @@ def sliding_window_predict(net: torch.nn.Module, image, patch_size=(112, 112, 80
             # autocast, so the copy is converted to the autocast dtype instead; it then computes what autocast
             # would (the V-Net's convolutions in that dtype, everything else in their inputs' dtype), up to the
             # rounding of the fused kernels (bit for bit for LA-sized windows on the project's CPU).
-            fused = fold_bn and device.type == "cpu" and can_fuse_conv_relu()
+            # oneDNN's fused bf16 kernels exist only on CPUs with native bfloat16 (utils.bf16); elsewhere the
+            # plain autocast computation below gives the same maths
+            fused = (fold_bn and device.type == "cpu" and can_fuse_conv_relu()
+                     and (amp_dtype is None or native_cpu_bf16()))
             input_dtype = amp_dtype if fused else None        # None: the windows stay float32
             autocast_dtype = None if fused else amp_dtype
             if fused:
