@@ -264,16 +264,10 @@ def load_oriented(case: SourceCase, labels: dict) -> tuple[sitk.Image, Optional[
     return img, lab, src_geometry
 
 
-def prepare_case(case: SourceCase, dst: Path, labels: dict, spacing: Sequence[float], modality: str,
-                 ct_stats: Optional[dict], settings: dict) -> dict:
-    """Write one prepared case (or keep it, when its fingerprint matches); returns its prepared.json record."""
-    folder = dst / CASES_DIR / case.name
-    record_path = folder / CASE_JSON
-    fp = _fingerprint(case, settings)
-    if record_path.is_file() and (folder / H5_NAME).is_file():
-        record = json.loads(record_path.read_text())
-        if record.get("fingerprint") == fp:
-            return record
+def preprocess_case(case: SourceCase, labels: dict, spacing: Sequence[float], modality: str,
+                    ct_stats: Optional[dict]) -> tuple[np.ndarray, Optional[np.ndarray], dict]:
+    """One case as the network sees it: (image float32 (X, Y, Z), label uint8 (X, Y, Z) or None, record with
+    the source and prepared geometry). What prepare_dataset.py writes and predict.py segments."""
     img, lab, src_geometry = load_oriented(case, labels)
     img = resample_to(img, spacing, is_label=False)
     image = to_xyz(img)
@@ -290,20 +284,35 @@ def prepare_case(case: SourceCase, dst: Path, labels: dict, spacing: Sequence[fl
     out_image = normalise(image, body, modality, ct_stats)[sl]
     origin = np.array(img.GetOrigin()) + np.array([a for a, _ in box]) * np.array(img.GetSpacing())
     record = {
-        "case": case.name, "fingerprint": fp, "labeled": label is not None,
+        "case": case.name, "labeled": label is not None,
         "source_image": str(case.image), "source_label": str(case.label) if case.label else None,
         "source_geometry": src_geometry,
         "prepared_geometry": {"size": list(out_image.shape), "spacing": list(img.GetSpacing()),
                               "origin": origin.tolist(), "direction": list(img.GetDirection()),
                               "crop_box_in_resampled": box, "resampled_size": list(img.GetSize())},
     }
+    return out_image, None if label is None else label[sl], record
+
+
+def prepare_case(case: SourceCase, dst: Path, labels: dict, spacing: Sequence[float], modality: str,
+                 ct_stats: Optional[dict], settings: dict) -> dict:
+    """Write one prepared case (or keep it, when its fingerprint matches); returns its prepared.json record."""
+    folder = dst / CASES_DIR / case.name
+    record_path = folder / CASE_JSON
+    fp = _fingerprint(case, settings)
+    if record_path.is_file() and (folder / H5_NAME).is_file():
+        record = json.loads(record_path.read_text())
+        if record.get("fingerprint") == fp:
+            return record
+    out_image, out_label, record = preprocess_case(case, labels, spacing, modality, ct_stats)
+    record = {"fingerprint": fp, **record}
     folder.mkdir(parents=True, exist_ok=True)
 
     def write_h5(tmp: Path) -> None:
         with h5py.File(tmp, "w") as f:
             f.create_dataset("image", data=out_image, compression="gzip")
-            if label is not None:
-                f.create_dataset("label", data=label[sl], compression="gzip")
+            if out_label is not None:
+                f.create_dataset("label", data=out_label, compression="gzip")
 
     _atomic_write(folder / H5_NAME, write_h5)
     _atomic_write(record_path, lambda tmp: tmp.write_text(json.dumps(record, indent=1) + "\n"))

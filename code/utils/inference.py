@@ -7,6 +7,7 @@ runs several windows per forward pass, on any device, optionally under bf16 auto
 from __future__ import annotations
 
 import copy
+import json
 import itertools
 import math
 import time
@@ -313,6 +314,20 @@ def largest_connected_component(mask: np.ndarray) -> np.ndarray:
     return np.where(labels == largest, mask, np.zeros_like(mask))
 
 
+def largest_component_per_class(label: np.ndarray) -> np.ndarray:
+    """(X, Y, Z) integer label map -> the same with, for each class k > 0, only the largest 26-connected
+    component of ``label == k`` kept (other voxels of that class become 0). Binary maps: the same result as
+    :func:`largest_connected_component`."""
+    label = np.asarray(label)
+    out = np.zeros_like(label)
+    for k in np.unique(label):
+        if k == 0:
+            continue
+        keep = largest_connected_component(label == k)
+        out[keep] = k
+    return out
+
+
 # ------------------------------------------------------------------------------------------- evaluation
 
 def evaluate(net: torch.nn.Module, base_dir, cases: Sequence[str], *, patch_size=(112, 112, 80),
@@ -420,6 +435,18 @@ def load_specialist(path, n_filters: int | None = None, normalization: str | Non
     _check_fit(path, net, sd, config)
     net.load_state_dict(sd, strict=True)
     return net.to(device).eval(), config
+
+
+def training_config_beside(checkpoint) -> dict | None:
+    """The ``config.json`` a training run wrote beside its checkpoints (its settings: patch_size, n_filters,
+    ...), or None when the checkpoint's folder has none (e.g. a released model)."""
+    path = Path(checkpoint).parent / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: not valid JSON ({err})") from None
 
 
 def checkpoint_path(model_dir, iteration) -> Path:
