@@ -146,11 +146,12 @@ def check_case_header(base_dir, case: str, with_label: bool = True) -> dict:
                     label_dtype=None if label is None else label.dtype)
 
 
-def load_case(base_dir, case: str, with_label: bool = True):
+def load_case(base_dir, case: str, with_label: bool = True, num_classes: int = 2):
     """Decode and validate one case.
 
-    Returns (image np.float32 (X,Y,Z), label np.uint8 (X,Y,Z) in {0,1}, or None when ``with_label`` is False,
-    in which case the ``label`` dataset is never opened). Raises LADataError naming the case and file.
+    Returns (image np.float32 (X,Y,Z), label np.uint8 (X,Y,Z) in {0, ..., num_classes - 1} ({0, 1} for LA), or
+    None when ``with_label`` is False, in which case the ``label`` dataset is never opened). Raises LADataError
+    naming the case and file.
     """
     path = _case_file(base_dir, case)
     with _open_h5(case, path) as h5:
@@ -162,11 +163,12 @@ def load_case(base_dir, case: str, with_label: bool = True):
         raise _case_error(case, path, f"image holds {n_nan} NaN and {n_inf} Inf voxels, expected finite values")
     image = image.astype(np.float32, copy=False)
     if label is not None:
-        bad = (label != 0) & (label != 1)
+        bad = (label < 0) | (label >= num_classes) | (label != np.round(label))
         if bad.any():
             values = np.unique(label[bad])
             shown = ", ".join(str(v) for v in values[:10]) + (", ..." if values.size > 10 else "")
-            raise _case_error(case, path, f"label holds values {{{shown}}}, expected only {{0, 1}}")
+            allowed = "{0, 1}" if num_classes == 2 else f"{{0, ..., {num_classes - 1}}}"
+            raise _case_error(case, path, f"label holds values {{{shown}}}, expected only {allowed}")
         label = label.astype(np.uint8, copy=False)
     return image, label
 

@@ -102,3 +102,29 @@ def test_script_errors_are_one_line(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [f"predict.py: error: {tmp_path / 'nothing'}: no such file or folder"]
+
+
+def test_per_class_evaluation_of_a_prepared_dataset(tmp_path):
+    import test as test_script
+    from utils.inference import class_metrics
+    cases = {f"c{i}": _phantom(i) for i in range(4)}
+    src = _write_dataset(tmp_path / "src", cases, {"background": 0, "a": 1, "b": 2}, spacing=(1.0, 1.0, 2.0))
+    dst = tmp_path / "prepared"
+    prepare_dataset(src, dst, test_fraction=0.5, seed=0)
+    torch.manual_seed(0)
+    ckpt = tmp_path / "three.pth"
+    torch.save(VNet(n_classes=3, n_filters=4).state_dict(), ckpt)
+    summary = test_script.main(["--dataset", str(dst), "--model_path", str(ckpt), "--patch_size", "16", "16", "16",
+                                "--stride_xy", "8", "--stride_z", "8", "--out_dir", str(tmp_path / "eval"),
+                                "--device", "cpu"])
+    assert list(summary["per_class"]) == ["a", "b"] and summary["n_cases"] == 2 and summary["distance_unit"] == "mm"
+    rows = (tmp_path / "eval" / "metrics.csv").read_text().splitlines()
+    assert rows[0] == "case,class,dice,jaccard,hd95_mm,asd_mm" and len(rows) == 1 + 2 * 2
+    for c in summary["per_class"].values():
+        assert 0 <= c["mean"]["dice"] <= 1 and c["n"] <= 2
+    # the per-class rule: absent from both -> NaN (left out of means); one side empty -> Dice 0
+    label = np.zeros((8, 8, 8), np.uint8)
+    label[2:5, 2:5, 2:5] = 1
+    m = class_metrics(label, label, 3, spacing=(2.0, 1.0, 1.0))
+    assert m[1]["dice"] == 1.0 and m[1]["hd95"] == 0.0 and np.isnan(m[2]["dice"])
+    assert class_metrics(np.zeros_like(label), label, 2)[1]["dice"] == 0.0

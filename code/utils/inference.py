@@ -357,6 +357,42 @@ def evaluate(net: torch.nn.Module, base_dir, cases: Sequence[str], *, patch_size
     return records
 
 
+def class_metrics(prediction: np.ndarray, label: np.ndarray, num_classes: int, spacing=None) -> dict:
+    """Per foreground class k (1..K-1): {k: {'dice', 'jaccard', 'hd95', 'asd'}} of ``prediction == k`` against
+    ``label == k`` (``calculate_metric_percase``'s rules); a class absent from both gets NaN (nothing to score,
+    left out of means, as nnU-Net does) instead of a perfect score."""
+    out = {}
+    for k in range(1, num_classes):
+        pred_k, gt_k = prediction == k, label == k
+        if not pred_k.any() and not gt_k.any():
+            out[k] = dict.fromkeys(("dice", "jaccard", "hd95", "asd"), float("nan"))
+            continue
+        dice, jaccard, hd95, asd = calculate_metric_percase(pred_k, gt_k, spacing)
+        out[k] = dict(dice=dice, jaccard=jaccard, hd95=hd95, asd=asd)
+    return out
+
+
+def evaluate_classes(net: torch.nn.Module, base_dir, cases: Sequence[str], num_classes: int, *,
+                     patch_size=(112, 112, 80), stride_xy: int = 18, stride_z: int = 4, post_process: bool = True,
+                     spacing=None, window_batch: int = 4, amp_dtype=None, device="cpu",
+                     on_case: Callable[[str, np.ndarray, np.ndarray, np.ndarray], None] | None = None) -> list[dict]:
+    """:func:`evaluate` for K classes: one dict per case with 'case', 'seconds' and 'classes' ({k: metrics},
+    :func:`class_metrics`); post-processing keeps the largest component of each class."""
+    records = []
+    for case in cases:
+        image, label = load_case(base_dir, case, with_label=True, num_classes=num_classes)
+        start = time.perf_counter()
+        prediction, _ = sliding_window_predict(net, image, patch_size, stride_xy, stride_z, num_classes,
+                                               window_batch, amp_dtype, device)
+        if post_process:
+            prediction = largest_component_per_class(prediction)
+        records.append(dict(case=case, classes=class_metrics(prediction, label, num_classes, spacing),
+                            seconds=time.perf_counter() - start))
+        if on_case is not None:
+            on_case(case, image, label, prediction)
+    return records
+
+
 # ---------------------------------------------------------------------------------------------- loading
 
 def _torch_load(path: Path):
