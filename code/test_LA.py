@@ -28,14 +28,15 @@ import torch
 
 from dataloaders.la_heart import list_path, read_list
 from utils.bf16 import require_native_bf16
-from utils.inference import checkpoint_path, evaluate, load_specialist
+from utils.inference import checkpoint_path, evaluate, load_specialist, training_config_beside
 
 ROOT_PATH = "../data/2018LA_Seg_Training Set"
 TEST_LIST = None                   # None: <ROOT_PATH>/../test.list
 MODEL_PATH = None                  # explicit checkpoint file; None: ../model/<EXP>/iter_<ITERATION>.pth
-EXP = "LA/semisam_mt"
+EXP = "LA/SemiSAM_MT"               # train_LA_semisam_mt.py's EXP
 ITERATION = 6000                   # or "best" -> best_model.pth
-PATCH_SIZE = (112, 112, 80)
+PATCH_SIZE = None                  # None: the training patch (config.json beside the checkpoint), else DEFAULT_PATCH
+DEFAULT_PATCH = (112, 112, 80)     # UA-MT's test_LA.py window (SemiSAM's evaluates with its 128^3 training patch)
 STRIDE_XY = 18
 STRIDE_Z = 4
 NUM_CLASSES = 2
@@ -75,7 +76,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model_path", default=MODEL_PATH, help="checkpoint file (overrides --exp/--iteration)")
     p.add_argument("--exp", default=EXP, help="experiment name: checkpoints in ../model/<exp>/")
     p.add_argument("--iteration", default=str(ITERATION), help="N for iter_N.pth, or 'best' for best_model.pth")
-    p.add_argument("--patch_size", type=int, nargs=3, default=list(PATCH_SIZE), metavar=("X", "Y", "Z"))
+    p.add_argument("--patch_size", type=int, nargs=3, default=None if PATCH_SIZE is None else list(PATCH_SIZE),
+                   metavar=("X", "Y", "Z"), help=f"sliding window (default: the training patch from config.json "
+                                                 f"beside the checkpoint, else {' '.join(map(str, DEFAULT_PATCH))})")
     p.add_argument("--stride_xy", type=int, default=STRIDE_XY)
     p.add_argument("--stride_z", type=int, default=STRIDE_Z)
     p.add_argument("--no_post", dest="post_process", action="store_false", default=POST_PROCESS,
@@ -99,7 +102,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("stride_xy", "stride_z", "window_batch"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1")
-    if any(s < 16 or s % 16 for s in args.patch_size):
+    if args.patch_size is not None and any(s < 16 or s % 16 for s in args.patch_size):
         p.error(f"--patch_size {tuple(args.patch_size)}: every size must be a multiple of 16 for the V-Net")
     try:
         device = torch.device(args.device)
@@ -127,6 +130,23 @@ def resolve_paths(args) -> tuple[Path, Path, Path]:
     else:
         out_dir = Path("../model/prediction") / f"{args.exp}{suffix}"
     return ckpt, test_list, out_dir
+
+
+def window_for(ckpt: Path, patch_size) -> list[int]:
+    """The sliding window: ``patch_size`` when given (with a note when it differs from the training patch in
+    config.json beside the checkpoint), else that training patch, else DEFAULT_PATCH."""
+    trained = training_config_beside(ckpt)
+    trained_patch = list(trained["patch_size"]) if trained and "patch_size" in trained else None
+    if patch_size is None:
+        if trained_patch is None:
+            print(f"window {DEFAULT_PATCH} (no config.json beside {ckpt}: UA-MT's test window)")
+            return list(DEFAULT_PATCH)
+        print(f"window {tuple(trained_patch)}: the training patch, from {ckpt.parent / 'config.json'}")
+        return trained_patch
+    if trained_patch is not None and list(patch_size) != trained_patch:
+        print(f"note: --patch_size {tuple(patch_size)} differs from the training patch {tuple(trained_patch)} in "
+              f"{ckpt.parent / 'config.json'}")
+    return list(patch_size)
 
 
 def nifti_affine(spacing) -> np.ndarray:
@@ -196,6 +216,7 @@ def main(argv=None) -> dict:
     if args.max_cases is not None:
         cases = cases[:args.max_cases]
     net, config = load_specialist(ckpt, args.n_filters, args.normalization, device)
+    args.patch_size = window_for(ckpt, args.patch_size)
     if config["n_classes"] != NUM_CLASSES:
         raise ValueError(f"checkpoint {ckpt} has {config['n_classes']} output classes, LA needs {NUM_CLASSES}")
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -427,7 +427,7 @@ def test_paths_and_argument_defaults(tmp_path):
     assert test_list == tmp_path / "data" / "r" / ".." / "test.list"
     assert out_dir.as_posix() == "../model/prediction/LA/x_post"
     args = test_LA.parse_args(["--iteration", "3000", "--patch_size", "128", "128", "128"])
-    assert test_LA.resolve_paths(args)[0].as_posix() == "../model/LA/semisam_mt/iter_3000.pth"
+    assert test_LA.resolve_paths(args)[0].as_posix() == "../model/LA/SemiSAM_MT/iter_3000.pth"   # the script's EXP
     assert args.spacing == (0.625, 0.625, 0.625) and args.post_process and args.save_nii
     assert args.patch_size == [128, 128, 128] and (args.stride_xy, args.stride_z) == (18, 4)
     assert test_LA.parse_args(["--spacing", "0"]).spacing is None
@@ -435,3 +435,19 @@ def test_paths_and_argument_defaults(tmp_path):
     for bad in (["--spacing", "1", "2"], ["--patch_size", "64", "64", "40"], ["--stride_z", "0"]):
         with pytest.raises(SystemExit):
             test_LA.parse_args(bad)
+
+
+def test_window_defaults_to_the_training_patch_beside_the_checkpoint(tmp_path, capsys):
+    ckpt = tmp_path / "run" / "iter_300.pth"
+    ckpt.parent.mkdir()
+    assert test_LA.parse_args([]).patch_size is None
+    assert test_LA.window_for(ckpt, None) == [112, 112, 80]                 # no config.json: UA-MT's window
+    assert "no config.json" in capsys.readouterr().out
+    (ckpt.parent / "config.json").write_text(json.dumps({"patch_size": [64, 64, 48], "exp": "demo"}))
+    assert test_LA.window_for(ckpt, None) == [64, 64, 48]
+    assert "the training patch" in capsys.readouterr().out
+    assert test_LA.window_for(ckpt, [112, 112, 80]) == [112, 112, 80]       # a flag still overrides, with a note
+    assert "note: --patch_size (112, 112, 80) differs from the training patch (64, 64, 48)" in capsys.readouterr().out
+    (ckpt.parent / "config.json").write_text("{broken")
+    with pytest.raises(CheckpointError, match="config.json: not valid JSON"):
+        test_LA.window_for(ckpt, None)
