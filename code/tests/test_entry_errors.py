@@ -71,6 +71,8 @@ def world(tmp_path_factory):
     sam_json = root / "tiny_sam.json"
     sam_json.write_text(json.dumps(tiny_sam_config()))
     sd = build_sam3d_from_config(tiny_sam_config()).state_dict()
+    sam = root / "tiny_sam.pth"
+    torch.save({"model_state_dict": sd}, sam)
     renamed = root / "renamed_sam.pth"   # another naming: 'encoder.' instead of the official 'image_encoder.'
     torch.save({"model_state_dict": {k.replace("image_encoder.", "encoder."): v for k, v in sd.items()}}, renamed)
     vnet = root / "vnet.pth"
@@ -87,7 +89,7 @@ def world(tmp_path_factory):
     predictions.mkdir()
     (predictions / "metrics.csv").write_text("case,dice\nC0,0.9\n")
     (predictions / "summary.json").write_text("{}\n")
-    return dict(root=root, base=base, lists=lists, sam_json=sam_json, renamed=renamed, vnet=vnet, run=run,
+    return dict(root=root, base=base, lists=lists, sam_json=sam_json, sam=sam, renamed=renamed, vnet=vnet, run=run,
                 predictions=predictions)
 
 
@@ -142,6 +144,13 @@ TRAIN_ROWS = {
                                ["labeled_num must be in [1, 3]"]),
     "patch_not_multiple_of_16": ("train_LA_semisam_mt.py", "good", lambda w: ["--patch_size", "32", "32", "20"],
                                  ["patch_size must be three positive multiples of 16", "(32, 32, 20)"]),
+    "patch_larger_than_the_generalist_input": (
+        "train_LA_semisam_mt.py", "good",
+        lambda w: ["--generalist", w["sam"], "--generalist_arch", w["sam_json"], "--patch_size", "48", "32", "16"],
+        ["--geometry pad", "(48, 32, 16)", "32^3 input", "tiny_sam.pth"]),
+    # --resume without a value: the earlier run's own train_state.pth, here not a train state at all
+    "resume_from_a_bad_train_state": ("train_LA_mt.py", "good", lambda w: ["--resume"],
+                                      ["earlier/train_state.pth", "is not a readable train state"]),
     "generalist_with_other_key_names": (
         "train_LA_semisam_plus.py", "good",
         lambda w: ["--generalist", w["renamed"], "--generalist_arch", w["sam_json"], "--num_clicks", "2"],

@@ -168,6 +168,12 @@ class Trainer:
         from utils.generalist import GeneralistBranch
         models = [load_generalist(path, arch=self.cfg.generalist_arch, device=self.device)
                   for path in self.cfg.generalist]
+        if self.cfg.geometry == "pad":   # else the first step would find it, after the run started writing
+            for path, model in zip(self.cfg.generalist, models):
+                if any(int(p) > model.img_size for p in self.cfg.patch_size):
+                    raise ConfigError(f"--geometry pad: patch_size {tuple(self.cfg.patch_size)} does not fit the "
+                                      f"{model.img_size}^3 input of generalist {path}; use --geometry resample "
+                                      f"or a smaller patch")
         self.click_generator = torch.Generator().manual_seed(derived_seed(self.cfg.seed, self.ctx.rank, 7))
         if self.cfg.generalist_term == "semisam" and (self.cfg.prompt == "unc" or len(models) > 1):
             self.out.warning("generalist term 'semisam' ignores the per-voxel confidence of prompt 'unc' / several "
