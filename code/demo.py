@@ -719,7 +719,7 @@ def run_demo(args, s: dict, device: str, threads: int, t0: float) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (DemoError, FileNotFoundError, KeyError, ValueError) as err:
-        sys.exit(f"demo.py: error: {err}")
+    from utils.errors import ProjectError, run_entry
+    # the project's errors (data, checkpoints, generalists, settings) and the demo's own DemoError: one line
+    # on stderr and exit status 2; anything else is a bug and keeps its traceback
+    run_entry(main, errors=(ProjectError, DemoError))

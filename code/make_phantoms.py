@@ -12,7 +12,8 @@ import argparse
 import sys
 import time
 
-from dataloaders.phantoms import DEFAULT_SIZE, TRAINING_FOLDER, PhantomError, write_phantom_dataset
+from dataloaders.phantoms import DEFAULT_SIZE, TRAINING_FOLDER, write_phantom_dataset
+from utils.errors import run_entry
 
 OUT = "../data/phantoms"
 N_TRAIN = 80
@@ -33,18 +34,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    """Write the dataset; returns 0. Bad arguments raise PhantomError (a ProjectError) naming them."""
     args = parse_args(argv)
     start = time.time()
-    try:
-        splits = write_phantom_dataset(args.out, args.n_train, args.n_test, tuple(args.size), args.seed,
-                                       progress=True)
-    except PhantomError as err:
-        print(f"make_phantoms: {err}", file=sys.stderr)
-        return 2
+    splits = write_phantom_dataset(args.out, args.n_train, args.n_test, tuple(args.size), args.seed,
+                                   progress=True)
     print(f"wrote {len(splits['train'])} train + {len(splits['test'])} test phantoms of size "
           f"{tuple(args.size)} to {args.out}/{TRAINING_FOLDER} in {time.time() - start:.1f} s")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_entry(main))

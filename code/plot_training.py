@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 
+from utils.errors import ConfigError, MissingFileError, run_entry
 from utils.run_log import read_run_log, save_training_curves, write_csv
 
 
@@ -32,9 +32,9 @@ def main(argv=None) -> dict:
     if log_path.is_dir():
         log_path = log_path / "log.txt"
     if not log_path.is_file():
-        raise FileNotFoundError(f"no log.txt at {log_path}")
+        raise MissingFileError(f"no log.txt at {log_path}")
     if args.every < 1 or args.window < 1:
-        raise ValueError(f"--every and --window must be >= 1, got {args.every} and {args.window}")
+        raise ConfigError(f"--every and --window must be >= 1, got {args.every} and {args.window}")
     log = read_run_log(log_path)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -54,8 +54,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, ValueError) as err:
-        print(f"plot_training.py: error: {err}", file=sys.stderr)
-        sys.exit(2)
+    run_entry(main)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ import torch
 
 from dataloaders.prepare import DATASET_JSON, PrepareError, SourceCase, preprocess_case, to_source_grid
 from utils.bf16 import require_native_bf16
+from utils.errors import ConfigError, run_entry
 from utils.inference import (CheckpointError, largest_component_per_class, load_specialist, sliding_window_predict,
                              training_config_beside)
 
@@ -111,7 +111,7 @@ def main(argv=None) -> list[Path]:
     targets = [out_dir / f"{case}.nii.gz" for case, _ in files]
     existing = [str(t) for t in targets if t.exists()]
     if existing and not args.overwrite:
-        raise PrepareError(f"{existing[0]} exists ({len(existing)} of the predictions); pass --overwrite to "
+        raise ConfigError(f"{existing[0]} exists ({len(existing)} of the predictions); pass --overwrite to "
                            f"replace them")
     net, config = load_specialist(args.model_path, device=device)
     num_classes = int(config["n_classes"])
@@ -141,8 +141,4 @@ def main(argv=None) -> list[Path]:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (PrepareError, CheckpointError, FileNotFoundError, ValueError) as err:
-        print(f"predict.py: error: {err}", file=sys.stderr)
-        sys.exit(2)
+    run_entry(main)

@@ -12,9 +12,9 @@ same inputs and settings; an interrupted run resumes where it stopped.
 from __future__ import annotations
 
 import argparse
-import sys
 
-from dataloaders.prepare import MODALITIES, PrepareError, prepare_dataset
+from dataloaders.prepare import MODALITIES, prepare_dataset
+from utils.errors import run_entry
 
 SPACING = None          # None: the dataset's median spacing; SAM-Med3D users often take 1.5 1.5 1.5 (mm)
 MODALITY = "mri"
@@ -51,8 +51,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except PrepareError as err:
-        print(f"prepare_dataset.py: error: {err}", file=sys.stderr)
-        sys.exit(2)
+    run_entry(main)

@@ -21,7 +21,9 @@ import argparse
 import logging
 import sys
 
-from training.pretrain import PretrainConfig, PretrainError, pretrain
+from networks.sam_med3d import sam_model_registry3D
+from training.pretrain import PretrainConfig, pretrain
+from utils.errors import run_entry
 
 OUT = "../ckpt/demo_generalist.pth"
 ARCH = "vit_tiny_demo"
@@ -47,7 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=OUT, help="checkpoint to write; its config goes to <out>.json (with .pth "
                                               "replaced) (default %(default)s)")
-    p.add_argument("--arch", default=ARCH, help="registry name of the architecture (default %(default)s)")
+    p.add_argument("--arch", default=ARCH, choices=sorted(sam_model_registry3D),
+                   help="registry name of the architecture (default %(default)s)")
     p.add_argument("--arch_config", default=None, help="JSON architecture config (golden-fixture format); "
                                                        "overrides --arch")
     p.add_argument("--init", default=None, help="start from this SAM-Med3D checkpoint (fine-tuning) instead of "
@@ -82,17 +85,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    """Pretrain or fine-tune; returns 0. Bad settings, data or checkpoints raise a ProjectError (PretrainError,
+    LADataError, GeneralistCheckpointError, ...) naming the flag or file."""
     args = vars(parse_args(argv))
     args["progress"] = not args.pop("no_progress")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    try:
-        result = pretrain(PretrainConfig(**args))
-    except (PretrainError, FileNotFoundError, KeyError, ValueError) as err:
-        print(f"pretrain_generalist: {err}", file=sys.stderr)
-        return 2
+    result = pretrain(PretrainConfig(**args))
     print(f"saved {result['out']} at iteration {result['iteration']}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_entry(main))

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import sys
 from pathlib import Path
 
 import torch
 
 from training.state import atomic_save
+from utils.errors import CheckpointError, ConfigError, run_entry
 from utils.inference import load_specialist
 
 FLOAT16_MAX = float(torch.finfo(torch.float16).max)
@@ -37,7 +37,7 @@ def half_state_dict(sd: dict) -> tuple[dict, dict]:
         v = value.detach().to("cpu", torch.float32)
         biggest = float(v.abs().max()) if v.numel() else 0.0
         if biggest > FLOAT16_MAX:
-            raise ValueError(f"{key}: |value| up to {biggest:.4g} does not fit float16 (max {FLOAT16_MAX:.0f})")
+            raise CheckpointError(f"{key}: |value| up to {biggest:.4g} does not fit float16 (max {FLOAT16_MAX:.0f})")
         half = v.to(torch.float16)
         err = (half.float() - v).abs()
         normal = v.abs() >= FLOAT16_TINY
@@ -62,7 +62,7 @@ def release(model_path, out, overwrite: bool = False) -> dict:
     """Write the float16 release of ``model_path`` to ``out``; returns {'out', 'sha256', 'bytes', 'vnet', ...}."""
     out = Path(out)
     if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+        raise ConfigError(f"{out} exists; pass --overwrite to replace it")
     net, config = load_specialist(model_path)      # strict: the file must be a V-Net student
     half, report = half_state_dict(net.state_dict())
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -84,8 +84,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, FileExistsError, ValueError) as err:
-        print(f"release_model.py: error: {err}", file=sys.stderr)
-        sys.exit(2)
+    run_entry(main)

@@ -13,16 +13,16 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from dataloaders.la_heart import LADataError, read_list
-from dataloaders.prepare import CASES_DIR, PrepareError
+from dataloaders.la_heart import read_list
+from dataloaders.prepare import CASES_DIR
 from predict import dataset_settings
 from utils.bf16 import require_native_bf16
+from utils.errors import run_entry
 from utils.inference import CheckpointError, evaluate_classes, load_specialist, training_config_beside
 
 PATCH_SIZE = (112, 112, 80)     # used when no config.json lies beside the checkpoint
@@ -110,8 +110,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (PrepareError, LADataError, CheckpointError, FileNotFoundError, ValueError) as err:
-        print(f"test.py: error: {err}", file=sys.stderr)
-        sys.exit(2)
+    run_entry(main)

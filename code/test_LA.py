@@ -19,15 +19,15 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import torch
 
-from dataloaders.la_heart import list_path, read_list
+from dataloaders.la_heart import check_data_folder, list_path, load_case, read_list
 from utils.bf16 import require_native_bf16
+from utils.errors import CheckpointError, run_entry
 from utils.inference import checkpoint_path, evaluate, load_specialist, training_config_beside
 
 ROOT_PATH = "../data/2018LA_Seg_Training Set"
@@ -212,13 +212,18 @@ def main(argv=None) -> dict:
     device = torch.device(args.device)
     if args.amp == "bf16":
         require_native_bf16(device)
+    check_data_folder(args.root_path)
     cases = read_list(test_list)
     if args.max_cases is not None:
         cases = cases[:args.max_cases]
     net, config = load_specialist(ckpt, args.n_filters, args.normalization, device)
     args.patch_size = window_for(ckpt, args.patch_size)
     if config["n_classes"] != NUM_CLASSES:
-        raise ValueError(f"checkpoint {ckpt} has {config['n_classes']} output classes, LA needs {NUM_CLASSES}")
+        raise CheckpointError(f"checkpoint {ckpt} has {config['n_classes']} output classes, LA needs {NUM_CLASSES}")
+    for case in cases:
+        # every case decoded and checked once before out_dir is touched: a bad file (LADataError naming it)
+        # leaves an earlier evaluation's files as they were, instead of half of them replaced
+        load_case(args.root_path, case, with_label=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     unit = "mm" if args.spacing is not None else "voxels"
     print(f"checkpoint {ckpt}  VNet({config})  {len(cases)} cases from {test_list}")
@@ -244,7 +249,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, ValueError) as err:  # data, list and checkpoint errors name the culprit
-        sys.exit(f"test_LA.py: error: {err}")
+    run_entry(main)   # data, list and checkpoint errors: one line naming the culprit, exit status 2

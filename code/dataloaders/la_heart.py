@@ -31,18 +31,22 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from utils.errors import DataError
+
 DEFAULT_ROOT = "../data/2018LA_Seg_Training Set"
 H5_NAME = "mri_norm2.h5"
 
 __all__ = [
-    "LADataError", "DEFAULT_ROOT", "H5_NAME", "read_list", "list_path", "load_case", "check_case_header",
+    "LADataError", "DEFAULT_ROOT", "H5_NAME", "read_list", "list_path", "check_data_folder", "load_case",
+    "check_case_header",
     "split_labeled", "LAHeart", "RandomRotFlip", "RandomCrop", "CenterCrop", "ToTensor", "Compose",
     "TwoStreamBatchSampler",
 ]
 
 
-class LADataError(ValueError):
-    """Any bad input of the LA data layer (missing or malformed list, case folder, h5 file or content)."""
+class LADataError(DataError):
+    """Any bad input of the LA data layer (missing or malformed list, case folder, h5 file or content, or a
+    setting it cannot use); a ValueError and a ProjectError (reported by the entry scripts in one line)."""
 
 
 # ----------------------------------------------------------------------------------------------- lists
@@ -74,6 +78,16 @@ def list_path(base_dir, split: str) -> Path:
     if split and os.sep not in split and "/" not in split and not Path(split).suffix:
         return Path(base_dir) / ".." / f"{split}.list"
     return Path(split)
+
+
+def check_data_folder(base_dir) -> Path:
+    """``base_dir`` as a Path; raises LADataError when it is not an existing folder (checked before the list
+    beside it, so a mistyped --root_path is reported as such rather than as a missing list)."""
+    base_dir = Path(base_dir)
+    if not base_dir.is_dir():
+        raise LADataError(f"data folder not found: {base_dir} (expected the folder of case folders "
+                          f"<case>/{H5_NAME}, with the lists beside it, e.g. {DEFAULT_ROOT})")
+    return base_dir
 
 
 # ----------------------------------------------------------------------------------------------- h5 files
@@ -307,7 +321,7 @@ class LAHeart(Dataset):
 
     def __init__(self, base_dir=DEFAULT_ROOT, split: str = "train", list_file=None, num=None, transform=None,
                  cache: bool = False, withhold_labels: Iterable[int] = ()):
-        self.base_dir = Path(base_dir)
+        self.base_dir = check_data_folder(base_dir)
         self.list_file = Path(list_file) if list_file is not None else list_path(base_dir, split)
         cases = read_list(self.list_file)
         if num is not None:
@@ -356,6 +370,13 @@ class LAHeart(Dataset):
             raise LADataError("preload() needs LAHeart(..., cache=True)")
         for idx in range(len(self)) if indices is None else indices:
             self.load(self._check_index(idx, "preload"))
+
+    def verify(self, indices: Iterable[int] | None = None) -> None:
+        """Decode and validate ``indices`` (default: every case) now, keeping nothing that ``cache`` would
+        not keep: a bad file (truncated, NaN voxels, label values other than 0/1) then stops a run before it
+        writes anything, instead of in a DataLoader worker minutes later. Withheld labels stay unread."""
+        for idx in range(len(self)) if indices is None else indices:
+            self.load(self._check_index(idx, "verify"))
 
     def __getitem__(self, key) -> dict:
         if isinstance(key, tuple):

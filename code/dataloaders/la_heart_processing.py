@@ -171,8 +171,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except LADataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    from utils.errors import run_entry
+    sys.exit(run_entry(main))

@@ -36,6 +36,8 @@ import h5py
 import numpy as np
 from scipy import ndimage
 
+from utils.errors import ConfigError
+
 __all__ = [
     "DEFAULT_SIZE", "REFERENCE_SIZE", "TRAINING_FOLDER", "H5_NAME", "PhantomError", "Phantom", "case_name",
     "case_rng", "make_phantom", "phantom_case", "write_phantom_dataset", "smooth_field", "random_rotation",
@@ -49,8 +51,8 @@ TRAINING_FOLDER = "2018LA_Seg_Training Set"
 H5_NAME = "mri_norm2.h5"
 
 
-class PhantomError(ValueError):
-    """Bad arguments of the phantom generator (size, counts, output folder)."""
+class PhantomError(ConfigError):
+    """Bad arguments of the phantom generator (size, counts, output folder); a ValueError."""
 
 
 @dataclass

@@ -41,6 +41,8 @@ import h5py
 import numpy as np
 import SimpleITK as sitk
 
+from utils.errors import DataError
+
 H5_NAME = "mri_norm2.h5"            # the LA file name: the prepared folder is read like LA's
 CASES_DIR = "cases"
 CASE_JSON = "prepared.json"
@@ -53,7 +55,7 @@ CT_SAMPLES_PER_CASE = 10000
 FORMAT_VERSION = 1
 
 
-class PrepareError(ValueError):
+class PrepareError(DataError):
     """A bad source dataset or case; the message names the file and what was expected."""
 
 

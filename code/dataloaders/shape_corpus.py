@@ -29,6 +29,7 @@ from scipy import ndimage
 from torch.utils.data import Dataset
 
 from dataloaders.phantoms import bezier, ellipsoid_radius, random_rotation, smooth_field, tube_sdf
+from utils.errors import ConfigError
 
 __all__ = ["OBJECT_KINDS", "MIN_IMG_SIZE", "ShapeCorpusError", "corpus_rng", "sample_scene", "sample",
            "ShapeCorpus"]
@@ -37,8 +38,8 @@ OBJECT_KINDS = ("blob", "tube", "shell")
 MIN_IMG_SIZE = 16
 
 
-class ShapeCorpusError(ValueError):
-    """Bad arguments of the shape corpus."""
+class ShapeCorpusError(ConfigError):
+    """Bad arguments of the shape corpus (e.g. an architecture's image size); a ValueError."""
 
 
 def _check_img_size(img_size) -> int:

@@ -10,6 +10,7 @@ import make_phantoms
 from dataloaders.la_heart import LAHeart, load_case, read_list
 from dataloaders.phantoms import (DEFAULT_SIZE, TRAINING_FOLDER, PhantomError, case_name, phantom_case,
                                   write_phantom_dataset)
+from utils.errors import run_entry
 
 SMALL = (64, 56, 40)
 
@@ -133,5 +134,8 @@ def test_cli_writes_the_dataset_and_reports_bad_sizes(tmp_path, capsys):
     image, label = load_case(out / TRAINING_FOLDER, "PHANTOM_001")
     assert image.shape == (40, 32, 24)
     assert np.array_equal(image, phantom_case(3, 1, (40, 32, 24)).image)
-    assert make_phantoms.main(["--out", str(out), "--size", "8", "8", "8"]) == 2
-    assert "size must be 3 integers >= 24" in capsys.readouterr().err
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:   # the script's entry point: one line on stderr, status 2
+        run_entry(lambda: make_phantoms.main(["--out", str(out), "--size", "8", "8", "8"]), prog="make_phantoms.py")
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.startswith("make_phantoms.py: error: phantom size must be 3 integers >= 24")

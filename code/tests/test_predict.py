@@ -13,6 +13,7 @@ from dataloaders.la_heart import load_case, read_list
 from dataloaders.prepare import PrepareError, prepare_dataset, to_xyz
 from networks.vnet import VNet
 from training.run import main as train_main
+from utils.errors import ConfigError
 from utils.inference import CheckpointError, largest_component_per_class, load_specialist, sliding_window_predict
 from tests.test_prepare_dataset import _phantom, _write_dataset
 from tests.test_train_common import run_args
@@ -59,7 +60,7 @@ def test_prepare_train_predict_real_la_scans_in_their_own_geometry(la_root, la_d
         box = info["cases"][n]["prepared_geometry"]["crop_box_in_resampled"]
         forward = to_xyz(sitk.DICOMOrient(pred, "LPS"))[tuple(slice(a, b) for a, b in box)]
         np.testing.assert_array_equal(forward, largest_component_per_class(on_grid))
-    with pytest.raises(PrepareError, match="exists .*--overwrite"):
+    with pytest.raises(ConfigError, match="exists .*--overwrite"):
         predict.main(["--model_path", str(ckpt), "--input", str(scans), "--output", str(tmp_path / "pred"),
                       "--dataset", str(dst), "--no_progress"])
 

@@ -12,6 +12,7 @@ import plot_training
 import release_model
 import test_LA
 from networks.vnet import VNet
+from utils.errors import ConfigError
 from utils.inference import load_specialist
 from utils.run_log import moving_average, read_run_log
 
@@ -47,7 +48,7 @@ def test_release_is_float16_loads_into_float32_and_is_exact(tmp_path):
         if torch.is_floating_point(v):
             assert v.dtype == torch.float32 and torch.equal(v, released[k].float())
     # never replaced silently
-    with pytest.raises(FileExistsError, match="--overwrite"):
+    with pytest.raises(ConfigError, match="--overwrite"):
         release_model.main(["--model_path", str(src), "--out", info["out"]])
     release_model.main(["--model_path", str(src), "--out", info["out"], "--overwrite"])
 

@@ -14,6 +14,7 @@ from typing import Callable, Iterable
 import torch
 
 from utils.bf16 import require_native_bf16
+from utils.errors import ConfigError
 
 # relative max error of a bf16 gradient against float32 that is still rounding (measured ~0.004)
 _TOLERANCE = 0.05
@@ -48,13 +49,13 @@ def vnet_level_depths(patch_depth: int, levels: int = 5) -> list[int]:
 
 def check_bf16_training(patch_size: Iterable[int], device: torch.device,
                         memory_format: torch.memory_format = torch.contiguous_format) -> None:
-    """Raise ValueError when a bf16 V-Net training at ``patch_size`` would be emulated (a CPU without native
-    bfloat16: :class:`utils.bf16.NoNativeBf16Error`) or hit the defect on ``device``."""
+    """Raise ConfigError (a ValueError) when a bf16 V-Net training at ``patch_size`` would be emulated (a CPU
+    without native bfloat16: :class:`utils.bf16.NoNativeBf16Error`) or hit the defect on ``device``."""
     require_native_bf16(device)
     patch = tuple(int(s) for s in patch_size)
     for level, depth in enumerate(vnet_level_depths(patch[0])):
         if not bf16_conv_weight_grad_ok(depth, device, memory_format):
-            raise ValueError(
+            raise ConfigError(
                 f"--amp bf16 is unsafe here: this device's bfloat16 3-D convolution ({device}) returns wrong "
                 f"weight gradients for inputs of depth {depth}, which V-Net level {level} of patch_size {patch} "
                 f"has (a convolution-kernel defect; see training/amp_check.py). Use a patch depth whose levels avoid "

@@ -48,6 +48,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from utils.errors import ConfigError
+
 AMP_MODES = ("none", "bf16")
 PROMPTS = ("point", "mask", "unc")
 GEOMETRIES = ("pad", "resample")
@@ -164,13 +166,13 @@ class TrainConfig:
         return d
 
     def validate(self) -> "TrainConfig":
-        """Raise ``ValueError`` naming the setting when the combination is unusable; returns self."""
+        """Raise ``ConfigError`` (a ValueError) naming the setting when the combination is unusable; returns self."""
         # local import: the registries live with the methods, the config only checks names against them
         from training.methods import GENERALIST_TERMS, SPECIALISTS, SUPERVISED_LOSSES
 
         def need(cond: bool, msg: str) -> None:
             if not cond:
-                raise ValueError(msg)
+                raise ConfigError(msg)
 
         need(len(self.patch_size) == 3 and all(int(p) > 0 and int(p) % 16 == 0 for p in self.patch_size),
              f"patch_size must be three positive multiples of 16 (V-Net downsamples 4 times), got {self.patch_size}")

@@ -46,9 +46,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from dataloaders.la_heart import (LAHeart, RandomCrop, RandomRotFlip, ToTensor, Compose, TwoStreamBatchSampler,
-                                  read_list, split_labeled)
+                                  check_data_folder, read_list, split_labeled)
 from networks.vnet import VNet
 from utils import ramps
+from utils.errors import ConfigError, ProjectError
 from utils.inference import channels_last_default
 
 from training import distributed as D
@@ -63,8 +64,9 @@ TRAIN_STATE_NAME = "train_state.pth"
 BEST_MODEL_NAME = "best_model.pth"
 
 
-class NonFiniteLossError(RuntimeError):
-    """A loss term became NaN/Inf; no optimiser step was taken for that iteration."""
+class NonFiniteLossError(ProjectError, RuntimeError):
+    """A loss term became NaN/Inf; no optimiser step was taken for that iteration. A ProjectError: the user
+    can act on it (lower the learning rate, check the data) and the message says where the last good state is."""
 
 
 def seed_everything(seed: int) -> None:
@@ -166,6 +168,12 @@ class Trainer:
         from utils.generalist import GeneralistBranch
         models = [load_generalist(path, arch=self.cfg.generalist_arch, device=self.device)
                   for path in self.cfg.generalist]
+        if self.cfg.geometry == "pad":   # else the first step would find it, after the run started writing
+            for path, model in zip(self.cfg.generalist, models):
+                if any(int(p) > model.img_size for p in self.cfg.patch_size):
+                    raise ConfigError(f"--geometry pad: patch_size {tuple(self.cfg.patch_size)} does not fit the "
+                                      f"{model.img_size}^3 input of generalist {path}; use --geometry resample "
+                                      f"or a smaller patch")
         self.click_generator = torch.Generator().manual_seed(derived_seed(self.cfg.seed, self.ctx.rank, 7))
         if self.cfg.generalist_term == "semisam" and (self.cfg.prompt == "unc" or len(models) > 1):
             self.out.warning("generalist term 'semisam' ignores the per-voxel confidence of prompt 'unc' / several "
@@ -177,16 +185,20 @@ class Trainer:
     def _build_data(self) -> None:
         cfg = self.cfg
         list_file = cfg.train_list_path
+        check_data_folder(cfg.root_path)     # before the list beside it: a wrong --root_path is named as such
         cases = read_list(list_file)
         self.labeled_idxs, self.unlabeled_idxs = split_labeled(len(cases), cfg.labeled_num)
         if not self.unlabeled_idxs and self.uses_unlabeled:
-            raise ValueError(f"labeled_num={cfg.labeled_num} leaves no unlabeled case in {list_file} "
+            raise ConfigError(f"labeled_num={cfg.labeled_num} leaves no unlabeled case in {list_file} "
                              f"({len(cases)} cases); a semi-supervised method needs at least one")
         transform = Compose([RandomRotFlip(), RandomCrop(cfg.patch_size), ToTensor()])
         self.dataset = LAHeart(base_dir=cfg.root_path, list_file=list_file, transform=transform, cache=cfg.cache,
                                withhold_labels=self.unlabeled_idxs)
+        used = self.labeled_idxs + (self.unlabeled_idxs if self.uses_unlabeled else [])
         if cfg.cache:   # before any worker forks, so the workers share one decoded copy
-            self.dataset.preload(self.labeled_idxs + (self.unlabeled_idxs if self.uses_unlabeled else []))
+            self.dataset.preload(used)
+        else:           # decoded once and dropped: a bad file stops the run before it writes anything
+            self.dataset.verify(used)
         n_unlabeled = cfg.batch_size - cfg.labeled_bs
         if not self.unlabeled_idxs:
             n_unlabeled = 0          # supervised only with every case labeled: no unlabeled stream at all
@@ -350,6 +362,7 @@ class Trainer:
         """Train from ``self.iteration`` to ``max_iterations`` (or ``stop_after``), saving as configured."""
         cfg = self.cfg
         stop_at = cfg.stop_after if cfg.stop_after is not None else cfg.max_iterations
+        self.out.open_files()   # no-op when the entry point opened them after its checks
         self.sampler.load_state_dict({"next_batch": self.iteration})
         loader = self.make_loader()
         batches = iter(loader)

@@ -1,6 +1,10 @@
 """What a run writes under ``<model_dir>/<exp>/``: log.txt, TensorBoard events (``log/``), config.json, the
 progress bar. Only the main rank writes; on other ranks every method is a no-op.
 
+Nothing is written before :meth:`RunOutput.open_files`: the entry point calls it once the settings, the data,
+the generalist and a resumed train state have been checked, so a run refused for bad input leaves an existing
+run folder as it was. Lines logged before go to the console at once and into log.txt when it opens.
+
 log.txt gets one line per ``log_every`` iterations (UA-MT logs every iteration) plus run events; the console
 shows the run events and a tqdm bar (iteration, loss, ETA) instead of the per-iteration lines.
 """
@@ -18,6 +22,21 @@ from training.config import TrainConfig, write_config_json
 
 ITERATION_LEVEL = 15          # between DEBUG and INFO: file only
 LOGGER_NAME = "semisam.train"
+
+
+class _Pending(logging.Handler):
+    """Holds the file's records until log.txt is opened (then replayed into it, with their own timestamps)."""
+
+    def __init__(self, level: int):
+        super().__init__(level)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+def _not_file_only(record: logging.LogRecord) -> bool:
+    return not getattr(record, "file_only", False)
 
 
 class _TqdmHandler(logging.Handler):
@@ -53,7 +72,8 @@ def _middle_slice(vol: torch.Tensor) -> torch.Tensor:
 
 
 class RunOutput:
-    """Files and console of one run (main rank), silent elsewhere.
+    """Files and console of one run (main rank), silent elsewhere. Files are opened by :meth:`open_files`
+    (by the entry point after its checks, else at the start of ``Trainer.fit``).
 
     Attributes: snapshot (Path), logger (logging.Logger), writer (tensorboardX SummaryWriter or None).
     """
@@ -68,25 +88,48 @@ class RunOutput:
         self.writer = None
         self._bar: Optional[tqdm] = None
         self._handlers: list[logging.Handler] = []
+        self._pending: Optional[_Pending] = None
+        self.files_open = False
         if not is_main:
             self.logger.addHandler(logging.NullHandler())
             return
-        self.snapshot.mkdir(parents=True, exist_ok=True)
-        fmt = logging.Formatter("[%(asctime)s.%(msecs)03d] %(message)s", datefmt="%H:%M:%S")
-        file_handler = logging.FileHandler(self.snapshot / "log.txt")
-        file_handler.setLevel(ITERATION_LEVEL)
+        self._format = logging.Formatter("[%(asctime)s.%(msecs)03d] %(message)s", datefmt="%H:%M:%S")
         console = _TqdmHandler()
         console.setLevel(logging.INFO)
-        for h in (file_handler, console):
-            h.setFormatter(fmt)
+        console.addFilter(_not_file_only)
+        self._pending = _Pending(ITERATION_LEVEL)
+        for h in (self._pending, console):
+            h.setFormatter(self._format)
             self.logger.addHandler(h)
             self._handlers.append(h)
+
+    def open_files(self) -> None:
+        """Create the run folder, open log.txt (appending; the lines logged so far first) and the TensorBoard
+        writer. Idempotent; a no-op on other ranks."""
+        if not self.is_main or self.files_open:
+            return
+        self.files_open = True
+        self.snapshot.mkdir(parents=True, exist_ok=True)
+        file_handler = logging.FileHandler(self.snapshot / "log.txt")
+        file_handler.setLevel(ITERATION_LEVEL)
+        file_handler.setFormatter(self._format)
+        for record in self._pending.records:
+            file_handler.handle(record)
+        self._drop_pending()
+        self.logger.addHandler(file_handler)
+        self._handlers.append(file_handler)
         writer_cls = _summary_writer_class()
         if writer_cls is None:
             self.logger.warning("neither tensorboardX nor torch.utils.tensorboard (package tensorboard) is "
                                 "installed: no TensorBoard events are written")
         else:
             self.writer = writer_cls(str(self.snapshot / "log"))
+
+    def _drop_pending(self) -> None:
+        if self._pending is not None:
+            self.logger.removeHandler(self._pending)
+            self._handlers.remove(self._pending)
+            self._pending = None
 
     # ------------------------------------------------------------------------------------- text
     def info(self, msg: str) -> None:
@@ -98,11 +141,16 @@ class RunOutput:
     def error(self, msg: str) -> None:
         self.logger.error(msg)
 
+    def failure(self, msg: str) -> None:
+        """Why the run stopped, for log.txt only (if it is open): the entry point reports it on stderr."""
+        self.logger.error(msg, extra={"file_only": True})
+
     def iteration_line(self, msg: str) -> None:
         self.logger.log(ITERATION_LEVEL, msg)
 
     def write_config(self, extra: dict) -> None:
         if self.is_main:
+            self.open_files()
             write_config_json(self.cfg, self.snapshot / "config.json", extra)
 
     # ------------------------------------------------------------------------------- TensorBoard
@@ -137,6 +185,7 @@ class RunOutput:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+        self._drop_pending()   # never opened: the run wrote nothing, and its early lines stay unwritten
         for h in self._handlers:
             self.logger.removeHandler(h)
             h.close()

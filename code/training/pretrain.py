@@ -54,6 +54,7 @@ from torch.utils.data import DataLoader, Dataset
 from dataloaders.la_heart import list_path, load_case, read_list
 from dataloaders.shape_corpus import ShapeCorpus
 from utils.clicks import accumulate_clicks, next_clicks
+from utils.errors import ProjectError
 from utils.generalist import sam_znorm
 
 __all__ = ["PretrainError", "PretrainConfig", "CKPT_FORMAT", "config_json_path", "resolve_arch", "build_model",
@@ -70,7 +71,7 @@ _RESUME_MUST_MATCH = ("seed", "batch_size", "num_clicks", "lr", "weight_decay", 
                       "clip_grad", "no_mask_prob", "pad_prob", "fg_prob", "data", "data_list")
 
 
-class PretrainError(ValueError):
+class PretrainError(ProjectError, ValueError):
     """Bad pretraining settings, data or checkpoint (the message names the setting or file)."""
 
 
@@ -194,6 +195,10 @@ class H5Crops(Dataset):
         self.base_dir, self.cases = Path(base_dir), list(cases)
         self.img_size, self.seed, self.fg_prob, self.length = int(img_size), int(seed), float(fg_prob), length
         self._cache: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # image, label, fg voxels
+        # decode every case now: a bad file (LADataError naming it) stops the run before any checkpoint is
+        # written, and DataLoader workers forked later share the decoded arrays
+        for case in self.cases:
+            self._case(case)
 
     def __len__(self) -> int:
         return self.length

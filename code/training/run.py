@@ -15,9 +15,10 @@ from typing import Optional, Sequence
 
 from training import distributed as D
 from training.config import parse_config
-from training.engine import NonFiniteLossError, Trainer
+from training.engine import Trainer
 from training.outputs import RunOutput, existing_outputs
 from training.timing import Timer, null_timer
+from utils.errors import ProjectError, run_entry
 
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
@@ -90,16 +91,21 @@ def restart_with_hugepage_malloc() -> None:
 
 def run_script(defaults: dict) -> Trainer:
     """What the ``train_LA_*.py`` scripts run: :func:`restart_with_hugepage_malloc` (``SEMISAM_NO_REEXEC=1``
-    keeps the process as it is), then ``main(defaults, sys.argv[1:])``."""
+    keeps the process as it is), then ``main(defaults, sys.argv[1:])`` through ``utils.errors.run_entry``: an
+    error of the project (bad settings, data, checkpoint, generalist, a non-finite loss) ends the process with
+    one line ``<script>.py: error: <message>`` on stderr and exit status 2."""
     restart_with_hugepage_malloc()
-    return main(defaults, sys.argv[1:])
+    return run_entry(lambda: main(defaults, sys.argv[1:]))
 
 
 def main(defaults: dict, argv: Optional[Sequence[str]] = None, timer: Timer = null_timer) -> Trainer:
     """Parse ``argv`` over ``defaults``, train, return the finished ``Trainer``.
 
-    Raises whatever stops the run (bad settings, missing files, a missing generalist checkpoint, a non-finite
-    loss) after logging it; the last good train_state.pth is never overwritten by a failed step.
+    Raises whatever stops the run: a ``ProjectError`` for bad settings, data, checkpoints, generalists or a
+    non-finite loss, anything else for a bug. Settings, data, generalist and a resumed train state are all
+    checked before the run folder is touched, so such a failure leaves an existing run's files as they were
+    and creates none; a failure during training is appended to log.txt (``run stopped: ...``). The last good
+    train_state.pth is never overwritten by a failed step.
     """
     cfg = parse_config(defaults, sys.argv[1:] if argv is None else argv)
     malloc_tuned = tune_malloc() if cfg.tune_malloc else None
@@ -115,16 +121,17 @@ def main(defaults: dict, argv: Optional[Sequence[str]] = None, timer: Timer = nu
         trainer = Trainer(cfg, ctx, out, timer)
         if cfg.resume is not None:
             trainer.load_state(trainer.state_path if cfg.resume == "auto" else cfg.resume)
+        out.open_files()   # every input checked: from here on the run writes
         out.write_config({"cases": list(trainer.dataset.cases),
                           "labeled_cases": [trainer.dataset.cases[i] for i in trainer.labeled_idxs],
                           "world_size": ctx.world_size})
         trainer.fit()
         return trainer
-    except NonFiniteLossError as err:
-        out.error(str(err))
+    except ProjectError as err:
+        out.failure(f"run stopped: {err}")
         raise
     except Exception as err:
-        out.error(f"run stopped: {type(err).__name__}: {err}")
+        out.failure(f"run stopped: {type(err).__name__}: {err}")
         raise
     finally:
         out.close()

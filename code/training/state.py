@@ -21,12 +21,14 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
+from utils.errors import CheckpointError, MissingFileError
+
 STATE_FORMAT = "semisam_train_state"
 STATE_VERSION = 1
 
 
-class TrainStateError(ValueError):
-    """A train_state.pth that cannot be resumed from (wrong format, version or settings)."""
+class TrainStateError(CheckpointError):
+    """A train_state.pth that cannot be resumed from (wrong format, version or settings); a ValueError."""
 
 
 def _serialize(obj: Any, fileobj) -> None:
@@ -99,10 +101,11 @@ def restore_rng(bundle: dict, device: torch.device, generator: Optional[torch.Ge
 
 # ------------------------------------------------------------------------------------------ train state
 def load_train_state(path: os.PathLike) -> dict:
-    """Read and check a train_state.pth; ``FileNotFoundError`` / ``TrainStateError`` name the file."""
+    """Read and check a train_state.pth; ``MissingFileError`` (a FileNotFoundError) / ``TrainStateError``
+    name the file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no train state to resume from: {path} does not exist")
+        raise MissingFileError(f"no train state to resume from: {path} does not exist")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - re-raised with the file name

@@ -22,11 +22,13 @@ import os
 
 import torch
 
+from utils.errors import ConfigError
+
 FORCE_ENV = "SEMISAM_CPU_BF16"
 NO_NATIVE_BF16_TEXT = "this CPU has no native bfloat16 support"
 
 
-class NoNativeBf16Error(ValueError):
+class NoNativeBf16Error(ConfigError):
     """``--amp bf16`` asked for on a CPU without native bfloat16 support."""
 
 

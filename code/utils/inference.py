@@ -22,13 +22,13 @@ from scipy import ndimage
 from dataloaders.la_heart import load_case
 from networks.vnet import VNet, vnet_config_from_state_dict
 from utils.bf16 import native_cpu_bf16
+from utils.errors import CheckpointError, ConfigError, MissingFileError
 from utils.metrics import calculate_metric_percase
 
 TRAIN_STATE_FORMAT = "semisam_train_state"
 
-
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be turned into a VNet (wrong format or keys)."""
+# CheckpointError (utils.errors, a ValueError): a checkpoint file that cannot be turned into a VNet (wrong format
+# or keys); imported here, where it is raised, so ``from utils.inference import CheckpointError`` keeps working
 
 
 # ----------------------------------------------------------------------------------------- sliding window
@@ -435,12 +435,12 @@ def load_specialist(path, n_filters: int | None = None, normalization: str | Non
     ``_orig_mod.`` prefixes are stripped), whose architecture is inferred from the keys; or our training
     state (``format == 'semisam_train_state'``): weights from ``['student']``, kwargs from ``['config']['vnet']``.
     ``n_filters`` / ``normalization`` override the stored or inferred values.
-    Raises FileNotFoundError for a missing file and CheckpointError listing unexpected, missing or
-    mis-shaped keys.
+    Raises MissingFileError (a FileNotFoundError) for a missing file and CheckpointError listing unexpected,
+    missing or mis-shaped keys.
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise MissingFileError(f"checkpoint not found: {path}")
     obj = _torch_load(path)
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, expected a state dict "
@@ -492,7 +492,7 @@ def checkpoint_path(model_dir, iteration) -> Path:
     try:
         n = int(iteration)
     except ValueError:
-        raise ValueError(f"iteration must be an integer or 'best', got {iteration!r}") from None
+        raise ConfigError(f"iteration must be an integer or 'best', got {iteration!r}") from None
     return Path(model_dir) / f"iter_{n}.pth"
 
 

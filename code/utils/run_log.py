@@ -15,6 +15,8 @@ from typing import Sequence
 
 import numpy as np
 
+from utils.errors import DataError
+
 _LINE = re.compile(r"^\[(\d\d):(\d\d):(\d\d(?:\.\d+)?)\] (.*)$")
 _ITERATION = re.compile(r"^iteration (\d+) : (.*)$")
 # a pause longer than this between two logged lines is a stopped process, not training time
@@ -74,7 +76,7 @@ def read_run_log(path) -> RunLog:
         else:
             events.append(body)
     if not by_iteration:
-        raise ValueError(f"{path}: no 'iteration N : ...' line (not a training log.txt?)")
+        raise DataError(f"{path}: no 'iteration N : ...' line (not a training log.txt?)")
     iterations = np.array(sorted(by_iteration), dtype=np.int64)
     names = sorted({k for _, vals in by_iteration.values() for k in vals})
     values = {n: np.array([by_iteration[i][1].get(n, np.nan) for i in iterations], dtype=np.float64)

@@ -25,6 +25,8 @@ from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 
+from utils.errors import GeneralistError
+
 from .build import build_sam3d_from_config, config_label, sam3d_config, sam_model_registry3D
 from .sam3d import Sam3D
 
@@ -48,8 +50,8 @@ Arch = Union[str, Mapping[str, Any], os.PathLike]
 _CACHE: Dict[Tuple, Sam3D] = {}
 
 
-class GeneralistCheckpointError(ValueError):
-    """A generalist checkpoint could not be read or does not fit the requested architecture."""
+class GeneralistCheckpointError(GeneralistError):
+    """A generalist checkpoint could not be read or does not fit the requested architecture (a ValueError)."""
 
 
 class GeneralistCheckpointNotFoundError(GeneralistCheckpointError, FileNotFoundError):
