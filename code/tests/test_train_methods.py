@@ -138,7 +138,7 @@ def test_missing_generalist_checkpoint_stops_before_training(setup, la_data_dir,
     # without a generalist term the same flag is irrelevant: '--generalist none' trains
     trainer = main({"specialist": "mt", "generalist_term": "semisam"},
                    run_args(la_data_dir, setup["train_list"], tmp_path, "no_gen", iters=1) + ["--generalist", "none"])
-    assert trainer.generalist is None and trainer.iteration == 1
+    assert trainer.method.generalist.name == "none" and trainer.term_generator is None and trainer.iteration == 1
 
 
 def test_timed_sections_bf16_and_channels_last(setup, la_data_dir, tmp_path):

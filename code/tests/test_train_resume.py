@@ -40,7 +40,7 @@ def test_interrupted_and_resumed_run_is_bit_identical(setup, la_data_dir, tmp_pa
     resumed = main(METHOD, _args(setup, la_data_dir, tmp_path, "split", "--resume", "--num_workers", "2"))
     assert resumed.iteration == N
     assert_identical(weights(full), weights(resumed))
-    assert torch.equal(full.click_generator.get_state(), resumed.click_generator.get_state())
+    assert torch.equal(full.term_generator.get_state(), resumed.term_generator.get_state())
     assert torch.equal(torch.load(tmp_path / "full" / f"iter_{N}.pth", weights_only=True)["out_conv.weight"],
                        torch.load(out / f"iter_{N}.pth", weights_only=True)["out_conv.weight"])
     assert "resumed from" in (out / "log.txt").read_text()
