@@ -223,7 +223,7 @@ def _bool_or_auto(text: str) -> Optional[bool]:
 
 def _choices_help(what: str, registry) -> str:
     """Help text listing a registry's names with the first line of each class's docstring."""
-    return f"{what}: " + registry.describe().replace("%", "%%")
+    return f"{what}, one of: " + registry.describe().replace("%", "%%")
 
 
 def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
@@ -266,12 +266,11 @@ def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
     g("--n_filters", type=int, help="V-Net base channel count")
     g("--has_dropout", type=_bool, help="V-Net dropout (UA-MT: on; it makes the teacher passes stochastic)")
     g = p.add_argument_group("method parts (names from the registries of training.methods)").add_argument
-    g("--supervised_loss", type=str, choices=sorted(SUPERVISED_LOSSES),
-      help=_choices_help("supervised loss", SUPERVISED_LOSSES))
-    g("--specialist", type=str, choices=sorted(CONSISTENCY_TERMS),
-      help=_choices_help("specialist consistency", CONSISTENCY_TERMS))
-    g("--generalist_term", type=str, choices=sorted(GENERALIST_TERMS),
-      help=_choices_help("generalist term", GENERALIST_TERMS))
+    # no argparse choices: an unknown name is refused by TrainConfig.validate, which also checks names given
+    # in a script's SETTINGS or a config.json
+    g("--supervised_loss", type=str, help=_choices_help("supervised loss", SUPERVISED_LOSSES))
+    g("--specialist", type=str, help=_choices_help("specialist consistency", CONSISTENCY_TERMS))
+    g("--generalist_term", type=str, help=_choices_help("generalist term", GENERALIST_TERMS))
     g = p.add_argument_group("specialist consistency").add_argument
     g("--consistency", type=float, help="maximum consistency weight")
     g("--consistency_rampup", type=float, help="ramp-up length, in blocks of rampup_block iterations")
