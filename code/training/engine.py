@@ -10,7 +10,7 @@ name in ``training.methods``. One step (``Trainer.train_step``), with the timed 
     [loss]            the parts of ``training.methods`` (interface: ``training.parts``): the supervised loss on
                       the labeled rows (a ``LabeledBatch``), then each unlabeled part (specialist consistency,
                       generalist term) on one ``UnlabeledBatch``; each returns a ``TermOutput`` and times its
-                      own work inside, e.g.
+                      own work in the sections below
     [teacher]         EMA teacher on noisy unlabeled patches (consistencies 'mt', 'uamt')
     [uncertainty]     T noisy teacher passes and the entropy mask ('uamt')
     [generalist]      the generalist term's pseudo-labels, prompted by the student's detached foreground
@@ -372,7 +372,8 @@ class Trainer:
 
     def describe(self) -> str:
         c = self.cfg
-        gen = "" if c.generalist_term == "none" else f", generalist {c.generalist_term} ({c.prompt}, {len(c.generalist)})"
+        gen = ("" if c.generalist_term == "none" else
+               f", generalist {c.generalist_term} ({c.prompt}, {len(c.generalist)})")
         return (f"supervised {c.supervised_loss}, specialist {c.specialist}{gen}, {len(self.labeled_idxs)} labeled + "
                 f"{len(self.unlabeled_idxs)} unlabeled cases, batch {c.batch_size} ({c.labeled_bs} labeled)")
 

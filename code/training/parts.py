@@ -11,7 +11,10 @@ registry (the flags ``--supervised_loss``, ``--specialist`` and ``--generalist_t
 
 Every part returns a ``TermOutput``. The engine adds ``weight(t) * loss`` of each part to the total and logs
 ``loss/<slot>``, ``weights/<slot>`` (slot: 'supervised', 'consistency', 'generalist'), the part's ``logs``
-as ``<log_prefix>/<key>`` and its ``visuals`` as ``labeled/<key>`` or ``unlabeled/<key>``.
+as ``<log_prefix>/<key>`` and its ``visuals`` as ``labeled/<key>`` or ``unlabeled/<key>``. Names under
+``loss/`` (a part with ``log_prefix = 'loss'`` logs loss components) are listed first in the log line and
+checked for finiteness before the optimiser step. The engine never names a particular part: what a part
+needs (the teacher, the generalist, its own random stream) it says through its class attributes.
 
 Adding a part: subclass ``Term`` (or one of the bases in ``training.methods`` / ``training.generalist_terms``),
 give it a ``name`` and decorate it with ``@register_supervised_loss``, ``@register_consistency`` or
