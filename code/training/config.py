@@ -86,7 +86,8 @@ class TrainConfig:
     # network
     n_filters: int = 16
     has_dropout: bool = True
-    # method parts (chosen by name from training.methods registries)
+    # method parts (chosen by name from the registries of training.parts, filled by training.methods): the
+    # field and flag 'specialist' name a CONSISTENCY_TERMS entry (the name the README and scripts use)
     supervised_loss: str = "ce_dice"
     specialist: str = "mt"
     generalist_term: str = "none"

@@ -141,11 +141,11 @@ class _Geometry:
         out[(slice(None), slice(None)) + self.region] = vol
         return out
 
-    def region_target(self, prob: torch.Tensor) -> torch.Tensor:
+    def region_target(self, student_fg_prob: torch.Tensor) -> torch.Tensor:
         """student_fg_prob (B, X, Y, Z) -> its foreground (B, *region shape) bool in SAM space."""
         if self.mode == "pad":
-            return prob.float() > 0.5
-        return self.to_sam(prob.float().unsqueeze(1), 0.0)[:, 0] > 0.5
+            return student_fg_prob.float() > 0.5
+        return self.to_sam(student_fg_prob.float().unsqueeze(1), 0.0)[:, 0] > 0.5
 
     def region_logits(self, low: torch.Tensor) -> torch.Tensor:
         """low-res logits (B, 1, L, L, L) -> SAM's full-size logits inside the region (B, *region shape)."""
@@ -346,20 +346,20 @@ class GeneralistBranch:
         return recorded
 
     # -- public ---------------------------------------------------------------------------------
-    def _check_inputs(self, images: torch.Tensor, prob: torch.Tensor) -> None:
+    def _check_inputs(self, images: torch.Tensor, student_fg_prob: torch.Tensor) -> None:
         if images.dim() != 5 or images.shape[1] != 1:
             raise ValueError(f"images must be (B, 1, X, Y, Z); got {tuple(images.shape)}")
-        if prob.shape != images.shape[:1] + images.shape[2:]:
+        if student_fg_prob.shape != images.shape[:1] + images.shape[2:]:
             raise ValueError(f"student_fg_prob must be the foreground probability (B, X, Y, Z) = "
-                             f"{tuple(images.shape[:1] + images.shape[2:])}; got {tuple(prob.shape)}")
-        if prob.device != images.device:
-            raise ValueError(f"student_fg_prob on {prob.device} but images on {images.device}")
+                             f"{tuple(images.shape[:1] + images.shape[2:])}; got {tuple(student_fg_prob.shape)}")
+        if student_fg_prob.device != images.device:
+            raise ValueError(f"student_fg_prob on {student_fg_prob.device} but images on {images.device}")
         for i, m in enumerate(self.models):
             p = next(m.parameters(), None)
             if p is not None and p.device != images.device:
                 raise ValueError(f"generalist model {i} is on {p.device} but images are on {images.device}")
-        lo, hi = torch.aminmax(prob.detach().float())
-        if bool(lo < 0) or bool(hi > 1) or not bool(torch.isfinite(prob).all()):
+        lo, hi = torch.aminmax(student_fg_prob.detach().float())
+        if bool(lo < 0) or bool(hi > 1) or not bool(torch.isfinite(student_fg_prob).all()):
             raise ValueError(f"student_fg_prob must be a probability in [0, 1]; got range "
                              f"[{lo.item():.4g}, {hi.item():.4g}] (pass softmax(logits)[:, 1], not logits)")
 
@@ -381,7 +381,7 @@ class GeneralistBranch:
         out = self.pseudo_labels(images, student_fg_prob)
         return out.pseudo_label, out.confidence
 
-    def _run(self, images: torch.Tensor, prob: torch.Tensor) -> PseudoLabels:
+    def _run(self, images: torch.Tensor, student_fg_prob: torch.Tensor) -> PseudoLabels:
         counts = torch.zeros(2, dtype=torch.long, device=images.device)
         variants: list[torch.Tensor] = []
         record = self.unc_clicks if self.prompt == "unc" else (self.num_clicks,)
@@ -391,19 +391,19 @@ class GeneralistBranch:
         for embedding in self.encode(images):
             geom = embedding.geometry
             if self.prompt in ("point", "unc"):
-                target = geom.region_target(prob)
+                target = geom.region_target(student_fg_prob)
                 if geom.size not in first_clicks:  # same size, same region
                     with self.timer("generalist.first_click"):
                         first_clicks[geom.size] = next_clicks(torch.zeros_like(target), target, 0,
                                                               self.generator, self.edt_clicks)
                 variants += self._point_run(embedding, target, first_clicks[geom.size], record, counts)
             if self.prompt in ("mask", "unc"):
-                sam_prob = geom.to_sam(prob.float().unsqueeze(1), 0.0)
+                sam_prob = geom.to_sam(student_fg_prob.float().unsqueeze(1), 0.0)
                 mask_prompt = F.interpolate(sam_prob, size=(embedding.low_size,) * 3, mode="trilinear",
                                             align_corners=False)
                 variants.append(geom.logits_to_patch(self.decode(embedding, None, mask_prompt)))
         pseudo_label, confidence = _combine(variants)
-        student = (prob > 0.5).float()
+        student = (student_fg_prob > 0.5).float()
         inter = (pseudo_label * student).sum()
         denom = pseudo_label.sum() + student.sum()
         stats = GeneralistStats(
