@@ -24,6 +24,15 @@ TINY_STEP = ["--patch_size", "32", "32", "16", "--batch_size", "2", "--labeled_b
 KEEP_MALLOC = ["--tune_malloc", "0"]
 
 
+@pytest.fixture(autouse=True)
+def keep_torch_threads():
+    """A benchmark's --threads sets torch's thread count for the whole process; later tests must get theirs
+    back (e.g. test_generalist's batch-invariance check depends on it)."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
 # ------------------------------------------------------------------------------------------ common
 def test_spread_ratio_dice_and_table():
     assert C.spread([3.0, 1.0, 2.0]) == {"median": 2.0, "min": 1.0, "max": 3.0, "n": 3}

@@ -167,7 +167,7 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         """Raise ``ValueError`` naming the setting when the combination is unusable; returns self."""
         # local import: the registries live with the methods, the config only checks names against them
-        from training.methods import CONSISTENCY_TERMS, GENERALIST_TERMS, SUPERVISED_LOSSES
+        from training.methods import CONSISTENCY_TERMS, GENERALIST_TERMS, SUPERVISED_LOSSES, GeneralistTerm
 
         def need(cond: bool, msg: str) -> None:
             if not cond:
@@ -190,11 +190,12 @@ class TrainConfig:
         need(self.prompt in PROMPTS, f"prompt {self.prompt!r} unknown; choose from {PROMPTS}")
         need(self.geometry in GEOMETRIES, f"geometry {self.geometry!r} unknown; choose from {GEOMETRIES}")
         need(self.amp in AMP_MODES, f"amp {self.amp!r} unknown; choose from {AMP_MODES}")
-        uses_unlabeled = self.specialist != "none" or self.generalist_term != "none"
+        uses_unlabeled = (CONSISTENCY_TERMS[self.specialist].uses_unlabeled
+                          or GENERALIST_TERMS[self.generalist_term].uses_unlabeled)
         need(not uses_unlabeled or self.labeled_bs < self.batch_size,
              f"specialist {self.specialist!r} / generalist term {self.generalist_term!r} need unlabeled patches: "
              f"labeled_bs ({self.labeled_bs}) must be < batch_size ({self.batch_size})")
-        need(self.generalist_term == "none" or len(self.generalist) >= 1,
+        need(not issubclass(GENERALIST_TERMS[self.generalist_term], GeneralistTerm) or len(self.generalist) >= 1,
              f"generalist term {self.generalist_term!r} needs at least one --generalist checkpoint")
         need(self.uamt_passes >= 1, f"uamt_passes must be >= 1, got {self.uamt_passes}")
         need(0 <= self.checkpoint_levels <= 5, f"checkpoint_levels must be in 0..5, got {self.checkpoint_levels}")

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from utils import losses, ramps
 
-from training import generalist_terms  # noqa: F401  (registers the generalist terms)
+from training.generalist_terms import GeneralistTerm  # noqa: F401  (registers the generalist terms)
 from training.parts import (CONSISTENCY_TERMS, GENERALIST_TERMS, SUPERVISED_LOSSES, LabeledBatch, SetupContext,
                             Term, TermOutput, UnlabeledBatch, register_consistency, register_supervised_loss)
 
