@@ -18,6 +18,8 @@ edited here; flags override them. See training/pretrain.py for the recipe and th
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
 import sys
 
@@ -81,6 +83,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume", default=None, help="continue the run saved in this checkpoint")
     p.add_argument("--stop_at", type=int, default=None, help="save and stop after this iteration")
     p.add_argument("--no_progress", action="store_true", help="no tqdm progress bar")
+    p.add_argument("--print_config", action="store_true",
+                   help="print the resolved settings (training.pretrain.PretrainConfig) as JSON and exit")
     return p.parse_args(argv)
 
 
@@ -88,7 +92,11 @@ def main(argv=None) -> int:
     """Pretrain or fine-tune; returns 0. Bad settings, data or checkpoints raise a ProjectError (PretrainError,
     LADataError, GeneralistCheckpointError, ...) naming the flag or file."""
     args = vars(parse_args(argv))
+    print_config = args.pop("print_config")
     args["progress"] = not args.pop("no_progress")
+    if print_config:
+        print(json.dumps(dataclasses.asdict(PretrainConfig(**args)), indent=2, sort_keys=True, default=str))
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     result = pretrain(PretrainConfig(**args))
     print(f"saved {result['out']} at iteration {result['iteration']}")

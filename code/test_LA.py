@@ -94,6 +94,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max_cases", type=int, default=MAX_CASES, help="evaluate only the first N cases")
     p.add_argument("--spacing", nargs="+", default=None if SPACING is None else [str(s) for s in SPACING],
                    help="voxel size in mm (1 or 3 numbers); 0 or none: distances in voxels")
+    p.add_argument("--print_config", action="store_true",
+                   help="print the resolved settings (checkpoint, list and output paths included) as JSON and exit; "
+                        "reads no data, writes no file")
     args = p.parse_args(argv)
     try:
         args.spacing = _spacing(args.spacing)
@@ -209,6 +212,10 @@ def main(argv=None) -> dict:
     """Run the evaluation; returns the summary dict that is also written to summary.json."""
     args = parse_args(argv)
     ckpt, test_list, out_dir = resolve_paths(args)
+    if args.print_config:
+        print(json.dumps(dict(vars(args), model_path=str(ckpt), test_list=str(test_list), out_dir=str(out_dir)),
+                         indent=2, sort_keys=True))
+        return {}
     device = torch.device(args.device)
     if args.amp == "bf16":
         require_native_bf16(device)

@@ -111,7 +111,8 @@ def branch_inputs(case_dir: Path, batch: int, patch: Sequence[int]) -> tuple[tor
 
 def bench_branch(model, images: torch.Tensor, prob: torch.Tensor, precisions: Sequence[str], prompt: str,
                  num_clicks: int, device: torch.device, warmup: int, steps: int, seed: int) -> dict:
-    """Time ``GeneralistBranch`` per precision, interleaved (parts via hooks); compare the pseudo-labels."""
+    """Time ``GeneralistBranch`` per precision, interleaved (parts via the branch's timer); compare the
+    pseudo-labels."""
     from training.timing import SectionTimer
     from utils.generalist import GeneralistBranch
     images, prob = images.to(device), prob.to(device)
@@ -121,20 +122,15 @@ def bench_branch(model, images: torch.Tensor, prob: torch.Tensor, precisions: Se
     def make_call(prec: str):
         def call():
             branch = GeneralistBranch([model], prompt=prompt, num_clicks=num_clicks, geometry="pad",
-                                      amp_dtype=C.amp_dtype(prec), generator=torch.Generator().manual_seed(seed))
+                                      amp_dtype=C.amp_dtype(prec), generator=torch.Generator().manual_seed(seed),
+                                      timer=timer)
             timer.reset()
             out = branch(images, prob)
             parts[prec].append({k: v["total_s"] for k, v in timer.summary().items()})
             return out
         return call
 
-    handles = C.attach_generalist_timers([model], timer)
-    try:
-        runs, outputs = C.interleaved({p: make_call(p) for p in precisions}, device, warmup, steps,
-                                      _progress("branch"))
-    finally:
-        for h in handles:
-            h.remove()
+    runs, outputs = C.interleaved({p: make_call(p) for p in precisions}, device, warmup, steps, _progress("branch"))
     for prec in precisions:
         timed_parts = parts[prec][warmup:]
         mean = {k: sum(p[k] for p in timed_parts) / len(timed_parts) for k in timed_parts[0]}

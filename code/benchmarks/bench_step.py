@@ -9,10 +9,11 @@ What is timed: the loop of ``Trainer.fit`` without its logging and checkpointing
 the same ``TrainConfig`` the ``train_LA_*.py`` scripts build (their method settings are read from the scripts
 themselves, see ``METHOD_SCRIPTS``), with real LA patches (``--root_path`` or ``LA_DATA_ROOT``) or LA-sized
 phantoms (``--synthetic``). Sections come from the engine's timer plug-in (``training.timing.SectionTimer``:
-data, student_forward, loss, teacher, uncertainty, generalist, backward, optimizer, ema); the generalist is
-split further by forward hooks on each SAM-Med3D's image_encoder / prompt_encoder / mask_decoder
-(``generalist.encoder`` etc.) and its simulated clicks (``generalist.first_click``: connected components and
-the exact distance transform on the CPU; ``generalist.clicks``: the later, random ones); ``generalist.other``
+data, student_forward, loss, teacher, uncertainty, generalist, backward, optimizer, ema); the engine passes
+the same timer to the generalist branch, which splits the generalist further (``utils.generalist.TIMER_SECTIONS``:
+each SAM-Med3D's image encoder, prompt encoder and mask decoder calls, ``generalist.encoder`` etc., and its
+simulated clicks, ``generalist.first_click``: connected components and the exact distance transform on the
+CPU; ``generalist.clicks``: the later, random ones); ``generalist.other``
 is the rest (normalisation, padding or resampling, thresholds, the pseudo-label's statistics).
 ``other`` is the step time outside every section (lr/weights, the host sync of the loss scalars, stats).
 
@@ -189,7 +190,6 @@ def run_config(spec: dict) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     timer = WallCpuTimer(device)
     build_s, trainer = C.timed(lambda: Trainer(cfg, output=RunOutput(cfg, is_main=False), timer=timer), device)
-    handles = C.attach_generalist_timers(trainer.generalist.models if trainer.generalist else [], timer)
     warmup, steps = int(spec["warmup"]), int(spec["steps"])
     load_before = C.loadavg()
     batches = iter(trainer.make_loader())
@@ -219,8 +219,6 @@ def run_config(spec: dict) -> dict:
                                 "loss": result.loss, "minor_faults": faults, "involuntary_switches": preempted})
     finally:
         del batches
-        for h in handles:
-            h.remove()
     peak_steps = C.peak_rss_since_reset() if reset_ok else None
     memory = {"peak_rss_process": max(v for v in (peak_setup, peak_steps, C.process_peak_rss()) if v is not None),
               "peak_rss_steps": peak_steps}

@@ -339,55 +339,6 @@ def random_generalist_checkpoint(folder: Path, arch: str, seed: int) -> Path:
     return path
 
 
-GENERALIST_PARTS = {"image_encoder": "generalist.encoder", "prompt_encoder": "generalist.prompt_encoder",
-                    "mask_decoder": "generalist.decoder"}
-
-
-class _RestoreFunction:
-    """Handle whose ``remove()`` puts a module attribute back (the hook handles' interface)."""
-
-    def __init__(self, module, name: str, original):
-        self.module, self.name, self.original = module, name, original
-
-    def remove(self) -> None:
-        setattr(self.module, self.name, self.original)
-
-
-def _timed_next_clicks(timer, original):
-    """``utils.clicks.next_clicks`` charged to 'generalist.first_click' (click 0: connected components and an
-    exact EDT, on the CPU) or 'generalist.clicks' (a random error voxel, on the tensors' device)."""
-    def next_clicks(pred, target, click_index, *args, **kwargs):
-        with timer("generalist.first_click" if click_index == 0 else "generalist.clicks"):
-            return original(pred, target, click_index, *args, **kwargs)
-    return next_clicks
-
-
-def attach_generalist_timers(models: Sequence[torch.nn.Module], timer) -> list:
-    """Forward hooks charging every call of each SAM-Med3D's image_encoder / prompt_encoder / mask_decoder
-    to ``timer('generalist.encoder' | 'generalist.prompt_encoder' | 'generalist.decoder')`` (a
-    ``training.timing.SectionTimer``, which synchronises CUDA around each section), and the branch's simulated
-    clicks to 'generalist.first_click' / 'generalist.clicks' (by wrapping ``utils.generalist.next_clicks``).
-    Returns handles whose ``remove()`` detaches them."""
-    import utils.generalist as G
-    handles: list = [_RestoreFunction(G, "next_clicks", G.next_clicks)]
-    G.next_clicks = _timed_next_clicks(timer, G.next_clicks)
-    for model in models:
-        for attr, section in GENERALIST_PARTS.items():
-            open_sections: list = []
-
-            def pre(mod, args, section=section, open_sections=open_sections):
-                ctx = timer(section)
-                ctx.__enter__()
-                open_sections.append(ctx)
-
-            def post(mod, args, output, open_sections=open_sections):
-                open_sections.pop().__exit__(None, None, None)
-
-            module = getattr(model, attr)
-            handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
-    return handles
-
-
 # ------------------------------------------------------------------------------------------ workers
 def scratch_dir(prefix: str) -> tempfile.TemporaryDirectory:
     return tempfile.TemporaryDirectory(prefix=prefix)

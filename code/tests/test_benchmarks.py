@@ -26,6 +26,15 @@ TINY_STEP = ["--patch_size", "32", "32", "16", "--batch_size", "2", "--labeled_b
 KEEP_MALLOC = ["--tune_malloc", "0"]
 
 
+@pytest.fixture(autouse=True)
+def keep_torch_threads():
+    """A benchmark's --threads sets torch's thread count for the whole process; later tests must get theirs
+    back (e.g. test_generalist's batch-invariance check depends on it)."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
 # ------------------------------------------------------------------------------------------ common
 def test_spread_ratio_dice_and_table():
     assert C.spread([3.0, 1.0, 2.0]) == {"median": 2.0, "min": 1.0, "max": 3.0, "n": 3}
@@ -66,10 +75,12 @@ def test_resolve_case_dir(la_root, la_data_dir, tmp_path, monkeypatch):
         C.resolve_case_dir(None)
 
 
-def test_generalist_timers_charge_clicks_and_detach():
+def test_generalist_sections_come_from_the_branch_timer():
+    """The benchmarks time the generalist through the timer the branch accepts (nothing is replaced): the
+    encoder once, click 1 once, then per click a prompt-encoder and a mask-decoder call, later clicks apart."""
     import contextlib
+    import utils.clicks
     import utils.generalist as G
-    from utils.clicks import next_clicks as original
     seen = []
 
     @contextlib.contextmanager
@@ -77,18 +88,16 @@ def test_generalist_timers_charge_clicks_and_detach():
         seen.append(section)
         yield
 
-    handles = C.attach_generalist_timers([], timer)
-    target = torch.zeros(1, 8, 8, 8, dtype=torch.bool)
-    target[0, 2:5, 2:5, 2:5] = True
-    pred = torch.zeros_like(target)
-    for k in (0, 1, 2):
-        coords, labels = G.next_clicks(pred, target, k, torch.Generator().manual_seed(0))
-        assert labels.tolist() == [[1]] and target[0, coords[0, 0, 0], coords[0, 0, 1], coords[0, 0, 2]]
-    assert coords.shape == (1, 1, 3)
-    assert seen == ["generalist.first_click", "generalist.clicks", "generalist.clicks"]
-    for h in handles:
-        h.remove()
-    assert G.next_clicks is original
+    model = C.random_sam("vit_tiny_demo", seed=0)
+    images = torch.randn(1, 1, 32, 32, 32)
+    prob = torch.zeros(1, 32, 32, 32)
+    prob[0, 8:20, 8:20, 8:20] = 0.9
+    G.GeneralistBranch([model], prompt="point", num_clicks=3, timer=timer)(images, prob)
+    decode = ["generalist.prompt_encoder", "generalist.decoder"]
+    assert seen == (["generalist.encoder", "generalist.first_click"] + decode
+                    + ["generalist.clicks"] + decode + ["generalist.clicks"] + decode)
+    assert set(seen) == set(G.TIMER_SECTIONS)
+    assert G.next_clicks is utils.clicks.next_clicks
 
 
 def test_random_sam_fills_zero_initialised_tables():

@@ -58,19 +58,20 @@ def test_outputs_shapes_dtypes_and_weights(sam, sam2, prompt, geometry, n_models
     models = [sam, sam2][:n_models]
     images, prob = _inputs()
     branch = GeneralistBranch(models, prompt=prompt, num_clicks=4, geometry=geometry)
-    mask, weight = branch(images, prob)
+    out = branch.pseudo_labels(images, prob)
+    mask, weight = out.pseudo_label, out.confidence
     for t in (mask, weight):
         assert t.shape == (2,) + PATCH and t.dtype == torch.float32 and t.device == images.device
         assert not t.is_inference() and not t.requires_grad
     assert set(mask.unique().tolist()) <= {0.0, 1.0}
     assert weight.min() >= 0 and weight.max() <= 1
     variants_per_model = {"point": 1, "mask": 1, "unc": 3 + 1}[prompt]  # unc: clicks 1, 3, 4 + mask
-    assert branch.last_stats["variants"] == n_models * variants_per_model
+    assert out.stats.variants == n_models * variants_per_model == len(out.variant_logits)
     if n_models == 1 and prompt != "unc":
         assert torch.equal(weight, torch.ones_like(weight))
     else:  # random-weight generalists disagree somewhere
         assert weight.min() < 0.99
-    clicks = branch.last_stats["clicks_positive"] + branch.last_stats["clicks_negative"]
+    clicks = out.stats.clicks_positive + out.stats.clicks_negative
     assert clicks == (0 if prompt == "mask" else 2 * 4 * n_models)
     # usable as a loss target for a trainable prediction
     p = torch.rand((2,) + PATCH, requires_grad=True)
@@ -243,7 +244,7 @@ def test_point_prompts_accumulate_clicks_and_feed_back_logits(sam):
     try:
         images, prob = _inputs()
         branch = GeneralistBranch(sam, prompt="point", num_clicks=4)
-        branch(images, prob)
+        stats = branch.pseudo_labels(images, prob).stats
     finally:
         h1.remove()
         h2.remove()
@@ -265,8 +266,8 @@ def test_point_prompts_accumulate_clicks_and_feed_back_logits(sam):
         assert target[b, x, y, z]
         assert first_labels[b, 0] == 1
     n_pos = sum(int(p["points"][1][:, -1].sum()) for p in prompts)
-    assert branch.last_stats["clicks_positive"] == n_pos
-    assert branch.last_stats["clicks_negative"] == 8 - n_pos
+    assert stats.clicks_positive == n_pos
+    assert stats.clicks_negative == 8 - n_pos
 
 
 def test_first_click_is_shared_by_the_models(sam, sam2):
@@ -369,8 +370,8 @@ def test_bf16_autocast_runs_and_returns_float32(sam):
 # contract and errors
 # ------------------------------------------------------------------------------------------------
 def test_branch_takes_no_labels():
-    assert list(inspect.signature(GeneralistBranch.__call__).parameters) == [
-        "self", "images", "specialist_prob"]
+    for method in (GeneralistBranch.__call__, GeneralistBranch.pseudo_labels):
+        assert list(inspect.signature(method).parameters) == ["self", "images", "student_fg_prob"]
     params = inspect.signature(pseudo_label).parameters
     assert [p for p in params if "label" in p or "target" in p or "gt" in p] == []
 
@@ -461,3 +462,40 @@ def test_bf16_pseudo_labels_agree_with_fp32_on_real_la_patches(sam, la_data_dir)
     bf16, _ = GeneralistBranch(sam, prompt="mask", amp_dtype=torch.bfloat16)(images, prob)
     assert 0.05 < fp32.mean() < 0.95
     assert (fp32 == bf16).float().mean() >= 0.99
+
+
+def test_timer_sections_and_encode_once_decode_per_prompt(sam, sam2):
+    """The branch charges its work to ``timer`` (the sections the benchmarks report): each image encoder
+    once per call, one prompt-encoder and mask-decoder call per prompt, click 1 once per SAM input size,
+    the later clicks once per click and model."""
+    from training.timing import SectionTimer
+    from utils.generalist import TIMER_SECTIONS
+    timer = SectionTimer()
+    images, prob = _inputs()
+    branch = GeneralistBranch([sam, sam2], prompt="unc", num_clicks=4, timer=timer)
+    out = branch.pseudo_labels(images, prob)
+    assert set(timer.counts) == set(TIMER_SECTIONS)
+    decodes = 2 * (4 + 1)                     # per model: 4 clicks + the mask prompt
+    assert timer.counts["generalist.encoder"] == 2
+    assert timer.counts["generalist.prompt_encoder"] == timer.counts["generalist.decoder"] == decodes
+    assert timer.counts["generalist.first_click"] == 1 and timer.counts["generalist.clicks"] == 2 * 3
+    # the same numbers as a branch without a timer
+    plain = GeneralistBranch([sam, sam2], prompt="unc", num_clicks=4).pseudo_labels(images, prob)
+    assert torch.equal(out.pseudo_label, plain.pseudo_label) and torch.equal(out.confidence, plain.confidence)
+
+
+def test_encode_and_decode_are_the_predictor_split(sam):
+    """A caller may encode once and decode its own prompts: a mask prompt decoded by hand gives the
+    branch's 'mask' pseudo-label logits."""
+    import torch.nn.functional as F
+    images, prob = _inputs()
+    branch = GeneralistBranch(sam, prompt="mask", geometry="pad")
+    out = branch.pseudo_labels(images, prob)
+    with torch.inference_mode():
+        (emb,) = branch.encode(images)
+        sam_prob = emb.geometry.to_sam(prob.float().unsqueeze(1), 0.0)
+        low = branch.decode(emb, None, F.interpolate(sam_prob, size=(emb.low_size,) * 3, mode="trilinear",
+                                                     align_corners=False))
+        logits = emb.geometry.logits_to_patch(low)
+    assert low.shape == (2, 1, LOW, LOW, LOW)
+    assert torch.equal(logits, out.variant_logits[0]) and torch.equal((logits > 0).float(), out.pseudo_label)

@@ -8,7 +8,8 @@ from torch import nn
 
 from training.config import TrainConfig
 from training.engine import ema_update
-from training.methods import (GENERALIST_TERMS, SPECIALISTS, NoisyTeacher, UnlabeledInputs, build_method)
+from training.methods import (CONSISTENCY_TERMS, GENERALIST_TERMS, NoisyTeacher, build_method)
+from training.parts import TermOutput, UnlabeledBatch
 from training.timing import SECTIONS, SectionTimer, null_timer
 from utils import losses, ramps
 
@@ -31,14 +32,14 @@ def test_weights_follow_the_formulas_at_given_iterations(t):
     cfg = TrainConfig(specialist="uamt", generalist_term="semisam", generalist=["x.pth"])
     parts = build_method(cfg)
     block = (t // 150) / 40
-    assert parts.specialist.weight(t) == pytest.approx(0.1 * math.exp(-5 * (1 - min(block, 1)) ** 2), rel=1e-12)
+    assert parts.consistency.weight(t) == pytest.approx(0.1 * math.exp(-5 * (1 - min(block, 1)) ** 2), rel=1e-12)
     down = min(max((6000 - t) // 150, 0) / 40, 1)
-    assert parts.generalist_term.weight(t) == pytest.approx(0.1 * math.exp(-5 * (1 - down) ** 2), rel=1e-12)
+    assert parts.generalist.weight(t) == pytest.approx(0.1 * math.exp(-5 * (1 - down) ** 2), rel=1e-12)
     assert ramps.uamt_threshold(t, 6000) == pytest.approx(
         (0.75 + 0.25 * math.exp(-5 * (1 - min(t / 6000, 1)) ** 2)) * math.log(2), rel=1e-12)
     # the ramp-down starts at the maximum and decays
-    assert parts.generalist_term.weight(0) == pytest.approx(0.1)
-    assert parts.generalist_term.weight(5999) == pytest.approx(0.1 * math.exp(-5))
+    assert parts.generalist.weight(0) == pytest.approx(0.1)
+    assert parts.generalist.weight(5999) == pytest.approx(0.1 * math.exp(-5))
 
 
 @pytest.mark.parametrize("t, lr", [(0, 0.01), (2499, 0.01), (2500, 0.001), (4999, 0.001), (5000, 1e-4),
@@ -49,10 +50,10 @@ def test_lr_steps(t, lr):
 
 def test_none_parts_have_zero_weight_and_no_loss():
     parts = build_method(TrainConfig(specialist="none", generalist_term="none"))
-    assert parts.specialist.weight(3000) == 0.0 and parts.generalist_term.weight(0) == 0.0
-    assert not parts.specialist.needs_teacher and not parts.generalist_term.needs_generalist
-    assert parts.specialist(None) == (None, {})
-    assert set(SPECIALISTS) == {"none", "mt", "uamt"}
+    assert parts.consistency.weight(3000) == 0.0 and parts.generalist.weight(0) == 0.0
+    assert not parts.consistency.needs_teacher and not parts.generalist.uses_unlabeled and not parts.uses_unlabeled
+    assert parts.consistency(None) == TermOutput(None) == parts.generalist(None)
+    assert set(CONSISTENCY_TERMS) == {"none", "mt", "uamt"}
     assert set(GENERALIST_TERMS) == {"none", "semisam", "semisam_plus"}
     with pytest.raises(KeyError, match="specialist 'x' is not registered"):
         build_method(TrainConfig(specialist="x"))
@@ -123,13 +124,26 @@ def test_confidence_weighted_mse_hand_value_and_gradient():
 @pytest.mark.parametrize("term", ["semisam", "semisam_plus"])
 def test_generalist_term_has_gradient_wrt_student_output(term):
     """Through the method part, from the student's logits: the SAM term moves the student."""
+    from utils.generalist import GeneralistStats, PseudoLabels
     cfg = TrainConfig(specialist="mt", generalist_term=term, generalist=["x.pth"])
-    part = build_method(cfg).generalist_term
+    part = build_method(cfg).generalist
     logits = torch.randn(2, 2, 8, 8, 4, requires_grad=True)
-    fg = F.softmax(logits, 1)[:, 1]
     mask = (torch.rand(2, 8, 8, 4) > 0.5).float()
     conf = torch.rand(2, 8, 8, 4)
-    part(fg, mask, conf).backward()
+    prompts = []
+
+    class StubBranch:      # stands in for GeneralistBranch: the term calls it itself
+        def pseudo_labels(self, images, student_fg_prob):
+            prompts.append(student_fg_prob)
+            zero = torch.zeros(())
+            return PseudoLabels(mask, conf, (), GeneralistStats(zero, zero, 1, mask.mean(), conf.mean(), zero))
+
+    part.branch = StubBranch()
+    out = part(UnlabeledBatch(0, 6000, torch.zeros(2, 1, 8, 8, 4), F.softmax(logits, 1)))
+    assert len(prompts) == 1 and not prompts[0].requires_grad          # prompted by the detached probability
+    assert torch.equal(prompts[0], F.softmax(logits, 1)[:, 1].detach())
+    assert out.logs["mean_confidence"] == conf.mean() and out.visuals["pseudo_label"] is not None
+    out.loss.backward()
     assert logits.grad is not None and logits.grad.abs().max() > 1e-4
 
 
@@ -174,22 +188,23 @@ def test_uamt_target_pass_is_one_of_the_T_passes_unless_disabled(reuse, forwards
     # batch sizes of the teacher forwards for U = 2, T = 4, 2 passes per forward: the target pass (2), then
     # the T - 1 = 3 remaining passes (4 + 2) with reuse, or all T = 4 passes (4 + 4) as UA-MT
     cfg = TrainConfig(specialist="uamt", uamt_passes=4, uamt_reuse_target=reuse)
-    part = build_method(cfg).specialist
+    part = build_method(cfg).consistency
     seen = []
     teacher = NoisyTeacher(lambda v: (seen.append(v.shape[0]), torch.cat([v, -v], 1))[1])
     p_s = torch.full((2, 2, 2, 2, 2), 0.5, requires_grad=True)
-    part(UnlabeledInputs(0, 6000, torch.zeros(2, 1, 2, 2, 2), p_s, teacher))
+    part(UnlabeledBatch(0, 6000, torch.zeros(2, 1, 2, 2, 2), p_s, teacher))
     assert seen == forwards
 
 
 def test_uamt_part_uses_the_threshold_mask():
     cfg = TrainConfig(specialist="uamt", uamt_passes=4)
-    part = build_method(cfg).specialist
+    part = build_method(cfg).consistency
     x = torch.cat([torch.zeros(1, 1, 2, 2, 2), 3 * torch.ones(1, 1, 2, 2, 2)])   # uncertain / confident sample
     teacher = NoisyTeacher(_Affine(), noise_std=0.0)
     p_s = torch.full((2, 2, 2, 2, 2), 0.5, requires_grad=True)
-    dist, extras = part(UnlabeledInputs(0, 6000, x, p_s, teacher))
-    assert extras["mask_fraction"].item() == pytest.approx(0.5)          # only the confident sample kept
+    out = part(UnlabeledBatch(0, 6000, x, p_s, teacher))
+    dist = out.loss
+    assert out.logs["mask_fraction"].item() == pytest.approx(0.5)          # only the confident sample kept
     p_t = F.softmax(torch.cat([x, -x], 1), 1)
     expected = ((p_s.detach()[1] - p_t[1]) ** 2).sum() / (2 * 8)
     assert dist.item() == pytest.approx(expected.item(), rel=1e-6)

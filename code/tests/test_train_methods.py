@@ -17,6 +17,7 @@ from training.config import parse_config
 from training.run import main
 from training.timing import SECTIONS, SectionTimer
 from utils import ramps
+from utils.generalist import TIMER_SECTIONS
 from utils.inference import load_specialist
 from tests.conftest import cpu_training_amp
 
@@ -138,11 +139,11 @@ def test_missing_generalist_checkpoint_stops_before_training(setup, la_data_dir,
     # without a generalist term the same flag is irrelevant: '--generalist none' trains
     trainer = main({"specialist": "mt", "generalist_term": "semisam"},
                    run_args(la_data_dir, setup["train_list"], tmp_path, "no_gen", iters=1) + ["--generalist", "none"])
-    assert trainer.generalist is None and trainer.iteration == 1
+    assert trainer.method.generalist.name == "none" and trainer.term_generator is None and trainer.iteration == 1
 
 
 def test_timed_sections_bf16_and_channels_last(setup, la_data_dir, tmp_path):
-    """A plugged timer sees every section; the bf16 autocast, channels_last_3d and activation checkpointing
+    """A plugged timer sees every section, the generalist's included; the bf16 autocast, channels_last_3d and activation checkpointing
     paths train finitely."""
     timer = SectionTimer()
     # patch depth 48 (run_args' 32 puts a V-Net level at depth 2, refused for bf16: training/amp_check.py);
@@ -151,7 +152,8 @@ def test_timed_sections_bf16_and_channels_last(setup, la_data_dir, tmp_path):
     args = run_args(la_data_dir, setup["train_list"], tmp_path, "amp", "--amp", cpu_training_amp(), "--channels_last", "1",
                     "--checkpoint_levels", "1", "--patch_size", "48", "32", "16", "--geometry", "resample", iters=2) + sam_args(setup["sams"][:1], setup["cfg_json"])
     trainer = main({"specialist": "uamt", "generalist_term": "semisam"}, args, timer=timer)
-    assert set(timer.summary()) == set(SECTIONS)
+    # the engine passes its timer to the generalist, whose sub-sections it then reports too
+    assert set(timer.summary()) == set(SECTIONS) | set(TIMER_SECTIONS)
     assert timer.counts["student_forward"] == 2 and timer.counts["uncertainty"] == 2
     assert all(math.isfinite(v) for v in trainer.last_result.values.values())
     assert trainer.student.block_one.conv[0].weight.is_contiguous(memory_format=torch.channels_last_3d)

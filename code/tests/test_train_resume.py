@@ -40,7 +40,7 @@ def test_interrupted_and_resumed_run_is_bit_identical(setup, la_data_dir, tmp_pa
     resumed = main(METHOD, _args(setup, la_data_dir, tmp_path, "split", "--resume", "--num_workers", "2"))
     assert resumed.iteration == N
     assert_identical(weights(full), weights(resumed))
-    assert torch.equal(full.click_generator.get_state(), resumed.click_generator.get_state())
+    assert torch.equal(full.term_generator.get_state(), resumed.term_generator.get_state())
     assert torch.equal(torch.load(tmp_path / "full" / f"iter_{N}.pth", weights_only=True)["out_conv.weight"],
                        torch.load(out / f"iter_{N}.pth", weights_only=True)["out_conv.weight"])
     assert "resumed from" in (out / "log.txt").read_text()
@@ -86,14 +86,15 @@ def test_non_finite_loss_stops_with_a_clear_message(setup, la_data_dir, tmp_path
     real = methods.SUPERVISED_LOSSES["ce_dice"]
     calls = {"n": 0}
 
-    def nan_on_fourth_step(logits, labels):
-        calls["n"] += 1
-        loss, terms = real(logits, labels)
-        if calls["n"] == 4:
-            loss = loss * float("nan")
-        return loss, terms
+    class NanOnFourthStep(real):          # a supervised part (training.parts.Term) returning a TermOutput
+        def __call__(self, batch):
+            calls["n"] += 1
+            out = super().__call__(batch)
+            if calls["n"] == 4:
+                out.loss = out.loss * float("nan")
+            return out
 
-    monkeypatch.setitem(methods.SUPERVISED_LOSSES, "ce_dice", nan_on_fourth_step)
+    monkeypatch.setitem(methods.SUPERVISED_LOSSES, "ce_dice", NanOnFourthStep)
     args = run_args(la_data_dir, setup["train_list"], tmp_path, "nan", "--save_every", "2", iters=6)
     with pytest.raises(NonFiniteLossError) as err:
         main({"specialist": "mt"}, args)

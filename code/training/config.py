@@ -88,7 +88,8 @@ class TrainConfig:
     # network
     n_filters: int = 16
     has_dropout: bool = True
-    # method parts (chosen by name from training.methods registries)
+    # method parts (chosen by name from the registries of training.parts, filled by training.methods): the
+    # field and flag 'specialist' name a CONSISTENCY_TERMS entry (the name the README and scripts use)
     supervised_loss: str = "ce_dice"
     specialist: str = "mt"
     generalist_term: str = "none"
@@ -168,7 +169,7 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         """Raise ``ConfigError`` (a ValueError) naming the setting when the combination is unusable; returns self."""
         # local import: the registries live with the methods, the config only checks names against them
-        from training.methods import GENERALIST_TERMS, SPECIALISTS, SUPERVISED_LOSSES
+        from training.methods import CONSISTENCY_TERMS, GENERALIST_TERMS, SUPERVISED_LOSSES, GeneralistTerm
 
         def need(cond: bool, msg: str) -> None:
             if not cond:
@@ -184,18 +185,19 @@ class TrainConfig:
              f"stop_after must be in [1, max_iterations={self.max_iterations}], got {self.stop_after}")
         need(self.supervised_loss in SUPERVISED_LOSSES,
              f"supervised_loss {self.supervised_loss!r} unknown; choose from {sorted(SUPERVISED_LOSSES)}")
-        need(self.specialist in SPECIALISTS,
-             f"specialist {self.specialist!r} unknown; choose from {sorted(SPECIALISTS)}")
+        need(self.specialist in CONSISTENCY_TERMS,
+             f"specialist {self.specialist!r} unknown; choose from {sorted(CONSISTENCY_TERMS)}")
         need(self.generalist_term in GENERALIST_TERMS,
              f"generalist term {self.generalist_term!r} unknown; choose from {sorted(GENERALIST_TERMS)}")
         need(self.prompt in PROMPTS, f"prompt {self.prompt!r} unknown; choose from {PROMPTS}")
         need(self.geometry in GEOMETRIES, f"geometry {self.geometry!r} unknown; choose from {GEOMETRIES}")
         need(self.amp in AMP_MODES, f"amp {self.amp!r} unknown; choose from {AMP_MODES}")
-        uses_unlabeled = self.specialist != "none" or self.generalist_term != "none"
+        uses_unlabeled = (CONSISTENCY_TERMS[self.specialist].uses_unlabeled
+                          or GENERALIST_TERMS[self.generalist_term].uses_unlabeled)
         need(not uses_unlabeled or self.labeled_bs < self.batch_size,
              f"specialist {self.specialist!r} / generalist term {self.generalist_term!r} need unlabeled patches: "
              f"labeled_bs ({self.labeled_bs}) must be < batch_size ({self.batch_size})")
-        need(self.generalist_term == "none" or len(self.generalist) >= 1,
+        need(not issubclass(GENERALIST_TERMS[self.generalist_term], GeneralistTerm) or len(self.generalist) >= 1,
              f"generalist term {self.generalist_term!r} needs at least one --generalist checkpoint")
         need(self.uamt_passes >= 1, f"uamt_passes must be >= 1, got {self.uamt_passes}")
         need(0 <= self.checkpoint_levels <= 5, f"checkpoint_levels must be in 0..5, got {self.checkpoint_levels}")
@@ -223,58 +225,90 @@ def _bool_or_auto(text: str) -> Optional[bool]:
     return None if str(text).lower() == "auto" else _bool(text)
 
 
+def _choices_help(what: str, registry) -> str:
+    """Help text listing a registry's names with the first line of each class's docstring."""
+    return f"{what}, one of: " + registry.describe().replace("%", "%%")
+
+
 def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
-    """The command line of every ``train_LA_*.py`` script; ``defaults`` (the script's SETTINGS) fill it."""
+    """The command line of every ``train_LA_*.py`` script; ``defaults`` (the script's SETTINGS) fill it.
+
+    One flag per ``TrainConfig`` field (``--stop_after`` is hidden), each with help text, so ``-h`` shows every
+    default (the script's, where it sets one); ``--print_config`` prints the resolved settings and exits."""
+    from training.methods import CONSISTENCY_TERMS, GENERALIST_TERMS, SUPERVISED_LOSSES
     p = argparse.ArgumentParser(description="Semi-supervised LA segmentation (SemiSAM / UA-MT family).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
-    a("--root_path", type=str, help="folder of case folders (UA-MT layout)")
-    a("--train_list", type=str, help="training case list (default <root_path>/../train.list)")
-    a("--exp", type=str, help="experiment name; outputs go to <model_dir>/<exp>/")
-    a("--model_dir", type=str, help="parent folder of experiment outputs")
-    a("--labeled_num", type=int, help="the first labeled_num cases of the list are labeled, the rest unlabeled")
-    a("--max_iterations", type=int)
-    a("--batch_size", type=int)
-    a("--labeled_bs", type=int)
-    a("--patch_size", type=int, nargs=3, metavar=("X", "Y", "Z"))
-    a("--base_lr", type=float)
-    a("--seed", type=int)
-    a("--deterministic", type=_bool, help="cudnn.deterministic and no cudnn.benchmark (UA-MT default 1)")
-    a("--n_filters", type=int)
-    a("--specialist", type=str, help="specialist consistency: none | mt | uamt")
-    a("--generalist_term", type=str, help="generalist loss: none | semisam | semisam_plus")
-    a("--consistency", type=float, help="maximum consistency weight")
-    a("--consistency_rampup", type=float, help="ramp-up length, in blocks of 150 iterations")
-    a("--ema_decay", type=float)
-    a("--uamt_passes", type=int, help="UA-MT stochastic teacher passes T")
-    a("--uamt_passes_per_forward", type=int, help="passes batched per teacher forward (0: all)")
-    a("--uamt_reuse_target", type=_bool, help="count the consistency-target pass as one of the T passes "
-                                             "(default 1; 0: a separate pass as in UA-MT)")
-    a("--generalist", type=str, nargs="+", help="'none' or one or more SAM-Med3D checkpoint paths")
-    a("--generalist_arch", type=str, help="SAM registry name (vit_b_ori) or a JSON config file")
-    a("--prompt", type=str, choices=PROMPTS)
-    a("--num_clicks", type=int)
-    a("--geometry", type=str, choices=GEOMETRIES, help="how a patch meets SAM's input size")
-    a("--sam_weight", type=float, help="maximum generalist-term weight (ramped down)")
-    a("--sam_rampdown", type=float, help="ramp-down length, in blocks of 150 iterations")
-    a("--resume", type=str, nargs="?", const="auto",
-      help="continue from a train_state.pth (no value: <model_dir>/<exp>/train_state.pth)")
-    a("--device", type=str, help="auto | cpu | cuda | cuda:N")
-    a("--amp", type=str, choices=AMP_MODES, help="autocast dtype for the forward passes (losses stay fp32)")
-    a("--checkpoint_levels", type=int, help="V-Net activation checkpointing: resolution levels recomputed in "
+    g = p.add_argument_group("data").add_argument
+    g("--root_path", type=str, help="folder of case folders (UA-MT layout)")
+    g("--train_list", type=str, help="training case list (None: <root_path>/../train.list)")
+    g("--labeled_num", type=int, help="the first labeled_num cases of the list are labeled, the rest unlabeled")
+    g("--patch_size", type=int, nargs=3, metavar=("X", "Y", "Z"), help="training patch (multiples of 16)")
+    g("--batch_size", type=int, help="patches per step, labeled and unlabeled")
+    g("--labeled_bs", type=int, help="labeled patches per step (the first rows of the batch)")
+    g("--num_workers", type=int, help="DataLoader worker processes")
+    g("--cache", type=_bool, help="decode the cases once into memory at the start")
+    g = p.add_argument_group("output").add_argument
+    g("--exp", type=str, help="experiment name; outputs go to <model_dir>/<exp>/")
+    g("--model_dir", type=str, help="parent folder of experiment outputs")
+    g("--save_every", type=int, help="write iter_N.pth and train_state.pth every N iterations")
+    g("--image_every", type=int, help="TensorBoard image slices every N iterations (0: never)")
+    g("--log_every", type=int, help="log.txt loss line every N iterations (0: never)")
+    g("--progress", type=_bool, help="tqdm progress bar")
+    g("--print_config", action="store_true",
+      help="print the resolved settings as JSON and exit (reads no data, writes no file)")
+    g = p.add_argument_group("optimisation").add_argument
+    g("--max_iterations", type=int, help="training steps")
+    g("--base_lr", type=float, help="SGD learning rate before the first step decay")
+    g("--lr_step", type=int, help="the learning rate is multiplied by lr_gamma every lr_step iterations")
+    g("--lr_gamma", type=float, help="learning-rate decay factor")
+    g("--momentum", type=float, help="SGD momentum")
+    g("--weight_decay", type=float, help="SGD weight decay")
+    g("--seed", type=int, help="seed of every random stream (offset by the rank)")
+    g("--deterministic", type=_bool, help="cudnn.deterministic and no cudnn.benchmark (UA-MT default 1)")
+    g = p.add_argument_group("network").add_argument
+    g("--n_filters", type=int, help="V-Net base channel count")
+    g("--has_dropout", type=_bool, help="V-Net dropout (UA-MT: on; it makes the teacher passes stochastic)")
+    g = p.add_argument_group("method parts (names from the registries of training.methods)").add_argument
+    # no argparse choices: an unknown name is refused by TrainConfig.validate, which also checks names given
+    # in a script's SETTINGS or a config.json
+    g("--supervised_loss", type=str, help=_choices_help("supervised loss", SUPERVISED_LOSSES))
+    g("--specialist", type=str, help=_choices_help("specialist consistency", CONSISTENCY_TERMS))
+    g("--generalist_term", type=str, help=_choices_help("generalist term", GENERALIST_TERMS))
+    g = p.add_argument_group("specialist consistency").add_argument
+    g("--consistency", type=float, help="maximum consistency weight")
+    g("--consistency_rampup", type=float, help="ramp-up length, in blocks of rampup_block iterations")
+    g("--rampup_block", type=int, help="iterations per block of the consistency ramp-up and generalist ramp-down")
+    g("--ema_decay", type=float, help="EMA teacher decay (alpha = min(1 - 1/(t+1), ema_decay))")
+    g("--noise_std", type=float, help="teacher input noise: clamp(noise_std * N(0, 1), -noise_clip, noise_clip)")
+    g("--noise_clip", type=float, help="bound of the teacher input noise")
+    g("--uamt_passes", type=int, help="UA-MT stochastic teacher passes T")
+    g("--uamt_passes_per_forward", type=int, help="passes batched per teacher forward (0: all)")
+    g("--uamt_reuse_target", type=_bool, help="count the consistency-target pass as one of the T passes "
+                                             "(0: a separate pass as in UA-MT)")
+    g = p.add_argument_group("generalist").add_argument
+    g("--generalist", type=str, nargs="+", help="'none' or one or more SAM-Med3D checkpoint paths")
+    g("--generalist_arch", type=str, help="SAM registry name (vit_b_ori) or a JSON config file")
+    g("--prompt", type=str, choices=PROMPTS, help="how the student's foreground probability prompts SAM")
+    g("--num_clicks", type=int, help="clicks of the point prompt")
+    g("--geometry", type=str, choices=GEOMETRIES, help="how a patch meets SAM's input size")
+    g("--sam_weight", type=float, help="maximum generalist-term weight (ramped down)")
+    g("--sam_rampdown", type=float, help="ramp-down length, in blocks of rampup_block iterations")
+    g = p.add_argument_group("runtime").add_argument
+    g("--device", type=str, help="auto | cpu | cuda | cuda:N")
+    g("--amp", type=str, choices=AMP_MODES, help="autocast dtype for the forward passes (losses stay fp32)")
+    g("--channels_last", type=_bool_or_auto,
+      help="channels_last_3d memory format: 1 | 0 | auto (on for CPU and CUDA)")
+    g("--checkpoint_levels", type=int, help="V-Net activation checkpointing: resolution levels recomputed in "
                                            "backward (0 off, 1 full resolution, 2 also half; saves memory)")
-    a("--channels_last", type=_bool_or_auto, help="channels_last_3d memory format: 1 | 0 | auto (on for CPU and CUDA)")
-    a("--tune_malloc", type=_bool, help="glibc mallopt: reuse freed memory instead of returning it to the OS")
-    a("--num_workers", type=int)
-    a("--cache", type=_bool, help="decode the cases once into memory at the start (default 1)")
-    a("--val_list", type=str, help="validation case list (enables best_model.pth selection)")
-    a("--val_every", type=int, help="validate every N iterations (0: never)")
-    a("--val_stride_xy", type=int, help="validation sliding-window stride along X and Y")
-    a("--val_stride_z", type=int, help="validation sliding-window stride along Z")
-    a("--save_every", type=int, help="write iter_N.pth and train_state.pth every N iterations")
-    a("--image_every", type=int, help="TensorBoard image slices every N iterations")
-    a("--log_every", type=int, help="log.txt loss line every N iterations")
-    a("--progress", type=_bool, help="tqdm progress bar")
+    g("--tune_malloc", type=_bool, help="glibc mallopt: reuse freed memory instead of returning it to the OS")
+    g("--resume", type=str, nargs="?", const="auto",
+      help="continue from a train_state.pth (no value: <model_dir>/<exp>/train_state.pth)")
+    g = p.add_argument_group("validation (optional best-model selection)").add_argument
+    g("--val_list", type=str, help="validation case list (enables best_model.pth selection)")
+    g("--val_every", type=int, help="validate every N iterations (0: never)")
+    g("--val_stride_xy", type=int, help="validation sliding-window stride along X and Y")
+    g("--val_stride_z", type=int, help="validation sliding-window stride along Z")
     a("--stop_after", type=int, help=argparse.SUPPRESS)
 
     merged = {name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
@@ -283,12 +317,18 @@ def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
     if unknown:
         raise KeyError(f"unknown training settings {unknown}; known: {sorted(_FIELDS)}")
     merged.update(defaults or {})
+    if merged["channels_last"] is None:
+        # shown as 'auto' by -h; argparse passes a string default through the flag's type: None again
+        merged["channels_last"] = "auto"
     p.set_defaults(**merged)
     return p
 
 
 def parse_config(defaults: dict | None = None, argv: Sequence[str] | None = None) -> TrainConfig:
-    """Script ``defaults`` overridden by ``argv`` flags -> validated ``TrainConfig``."""
+    """Script ``defaults`` overridden by ``argv`` flags -> validated ``TrainConfig``.
+
+    With ``--print_config`` the resolved settings are printed as JSON (``TrainConfig.to_dict``) and
+    ``SystemExit(0)`` is raised, as ``-h`` does, before anything reads data or writes a file."""
     ns = build_parser(defaults).parse_args(list(argv) if argv is not None else None)
     values = {k: v for k, v in vars(ns).items() if k in _FIELDS}
     values["patch_size"] = tuple(int(v) for v in values["patch_size"])
@@ -297,7 +337,11 @@ def parse_config(defaults: dict | None = None, argv: Sequence[str] | None = None
         # '--generalist none' switches the generalist off, whatever the script's term
         gens, values["generalist_term"] = [], "none"
     values["generalist"] = gens
-    return TrainConfig(**values).validate()
+    cfg = TrainConfig(**values).validate()
+    if ns.print_config:
+        print(json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
+        raise SystemExit(0)
+    return cfg
 
 
 def config_from_dict(d: dict) -> TrainConfig:

@@ -7,11 +7,15 @@ name in ``training.methods``. One step (``Trainer.train_step``), with the timed 
                       so no label row of an unlabeled scan reaches the device (the dataset never even read
                       them: LAHeart(withhold_labels=unlabeled indices) returns zeros for those rows)
     [student_forward] logits = student(x) (autocast if --amp bf16), softmax in float32
-    [loss]            L_sup on the labeled rows; consistency / generalist distances
-    [teacher]         EMA teacher on noisy unlabeled patches (specialists 'mt', 'uamt')
+    [loss]            the parts of ``training.methods`` (interface: ``training.parts``): the supervised loss on
+                      the labeled rows (a ``LabeledBatch``), then each unlabeled part (specialist consistency,
+                      generalist term) on one ``UnlabeledBatch``; each returns a ``TermOutput`` and times its
+                      own work in the sections below
+    [teacher]         EMA teacher on noisy unlabeled patches (consistencies 'mt', 'uamt')
     [uncertainty]     T noisy teacher passes and the entropy mask ('uamt')
-    [generalist]      SAM-Med3D pseudo-labels prompted by the student's detached foreground probability
-    [backward]        L = L_sup + w_c(t) L_ssl + w_s(t) L_sam; backward
+    [generalist]      the generalist term's pseudo-labels, prompted by the student's detached foreground
+                      probability (and ``generalist.*`` sub-sections of ``utils.generalist.GeneralistBranch``)
+    [backward]        L = L_sup + w_c(t) L_c + w_g(t) L_g; backward
     [optimizer]       SGD step with lr = base_lr * 0.1 ** (t // 2500)
     [ema]             teacher <- alpha teacher + (1 - alpha) student, alpha = min(1 - 1/(t+1), 0.99)
 
@@ -27,8 +31,9 @@ synchronised student identically on every rank and its BatchNorm buffers are bro
 each update. Only rank 0 writes files.
 
 Determinism: one seed drives python, numpy, torch (offset by the rank), the sampler (augmentation seeds per
-sample) and the click generator; the DataLoader gets its own generator so creating it consumes no global
-random numbers. Resuming from train_state.pth (all of the above restored) continues bit-identically.
+sample) and the parts' generator (the generalist's clicks); the DataLoader gets its own generator so creating
+it consumes no global random numbers. Resuming from train_state.pth (all of the above restored) continues
+bit-identically.
 """
 from __future__ import annotations
 
@@ -56,7 +61,8 @@ from training import distributed as D
 from training import state as S
 from training.amp_check import check_bf16_training
 from training.config import TrainConfig
-from training.methods import NoisyTeacher, UnlabeledInputs, build_method
+from training.methods import NoisyTeacher, build_method
+from training.parts import LabeledBatch, SetupContext, UnlabeledBatch
 from training.outputs import RunOutput
 from training.timing import Timer, null_timer
 
@@ -104,6 +110,19 @@ class _Batches:
             yield batch if self.keep is None else batch[:self.keep]
 
 
+def _prefixed(prefix: str, items: dict) -> dict:
+    """{'<prefix>/<key>': value} (a part's logs or visuals under its prefix)."""
+    return {f"{prefix}/{k}": v for k, v in items.items()}
+
+
+def _read_scalars(entries: dict) -> dict[str, float]:
+    """name -> python float of each 0-d tensor or float in ``entries``, the tensors read in one host sync."""
+    names = [n for n, v in entries.items() if isinstance(v, torch.Tensor)]
+    read = torch.stack([entries[n].detach().float() for n in names]).tolist() if names else []
+    values = dict(zip(names, read))
+    return {n: values[n] if n in values else float(v) for n, v in entries.items()}
+
+
 @dataclass
 class StepResult:
     """Scalars of one step (python floats) and, on image iterations, volumes (X, Y, Z) for TensorBoard."""
@@ -149,38 +168,23 @@ class Trainer:
             check_bf16_training(cfg.patch_size, self.device, self.memory_format)
 
         self.method = build_method(cfg)
-        self.uses_unlabeled = self.method.specialist.needs_teacher or self.method.generalist_term.needs_generalist
-        # the generalist first: a missing checkpoint must stop the run before any data is read
-        self.click_generator: Optional[torch.Generator] = None
-        self.generalist = self._build_generalist() if self.method.generalist_term.needs_generalist else None
+        self.uses_unlabeled = self.method.uses_unlabeled
+        self.term_generator: Optional[torch.Generator] = None
+        if self.method.needs_generator:
+            self.term_generator = torch.Generator().manual_seed(derived_seed(cfg.seed, self.ctx.rank, 7))
+        # the parts first (a generalist term loads its checkpoints): a missing file must stop the run before
+        # any data is read
+        self.method.setup(SetupContext(device=self.device, amp_dtype=self.amp_dtype, timer=timer,
+                                       generator=self.term_generator, warn=self.out.warning))
         self._build_data()
-        # seeded here, after the generalist: load_generalist may or may not build (and randomly initialise) a
-        # SAM depending on its per-process cache, which must not shift the student's initialisation
+        # seeded here, after the parts' setup: load_generalist may or may not build (and randomly initialise)
+        # a SAM depending on its per-process cache, which must not shift the student's initialisation
         seed_everything(cfg.seed + self.ctx.rank)
         self._build_models()
 
     # ------------------------------------------------------------------------------------ building
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp_dtype is not None)
-
-    def _build_generalist(self):
-        from networks.sam_med3d import load_generalist   # heavy import only when a generalist is used
-        from utils.generalist import GeneralistBranch
-        models = [load_generalist(path, arch=self.cfg.generalist_arch, device=self.device)
-                  for path in self.cfg.generalist]
-        if self.cfg.geometry == "pad":   # else the first step would find it, after the run started writing
-            for path, model in zip(self.cfg.generalist, models):
-                if any(int(p) > model.img_size for p in self.cfg.patch_size):
-                    raise ConfigError(f"--geometry pad: patch_size {tuple(self.cfg.patch_size)} does not fit the "
-                                      f"{model.img_size}^3 input of generalist {path}; use --geometry resample "
-                                      f"or a smaller patch")
-        self.click_generator = torch.Generator().manual_seed(derived_seed(self.cfg.seed, self.ctx.rank, 7))
-        if self.cfg.generalist_term == "semisam" and (self.cfg.prompt == "unc" or len(models) > 1):
-            self.out.warning("generalist term 'semisam' ignores the per-voxel confidence of prompt 'unc' / several "
-                             "generalists; use --generalist_term semisam_plus to weight by it")
-        return GeneralistBranch(models, prompt=self.cfg.prompt, num_clicks=self.cfg.num_clicks,
-                                geometry=self.cfg.geometry, amp_dtype=self.amp_dtype,
-                                generator=self.click_generator)
 
     def _build_data(self) -> None:
         cfg = self.cfg
@@ -220,7 +224,7 @@ class Trainer:
         self.student = student
         self.teacher = None
         self.noisy_teacher = None
-        if self.method.specialist.needs_teacher:
+        if self.method.needs_teacher:
             self.teacher = copy.deepcopy(student).train()
             self.teacher.requires_grad_(False)
             self.noisy_teacher = NoisyTeacher(self.teacher, cfg.noise_std, cfg.noise_clip, self._autocast,
@@ -239,9 +243,9 @@ class Trainer:
     def lr_at(self, t: int) -> float:
         return ramps.step_lr(self.cfg.base_lr, t, self.cfg.lr_step, self.cfg.lr_gamma)
 
-    def weights_at(self, t: int) -> tuple[float, float]:
-        """(w_c(t), w_s(t)) of the chosen specialist consistency and generalist term."""
-        return self.method.specialist.weight(t), self.method.generalist_term.weight(t)
+    def weights_at(self, t: int) -> dict[str, float]:
+        """slot -> w(t) of each unlabeled part (specialist consistency, generalist term)."""
+        return {slot: part.weight(t) for slot, part in self.method.unlabeled_terms.items()}
 
     # ------------------------------------------------------------------------------------ one step
     def _to_device(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -267,46 +271,36 @@ class Trainer:
         lr = self.lr_at(t)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        w_c, w_s = self.weights_at(t)
+        weights = self.weights_at(t)
 
         with timer("student_forward"):
             with self._autocast():
                 logits = self.model(x)
             logits = logits.float()
             prob = F.softmax(logits, dim=1)
+        supervised = self.method.supervised
         with timer("loss"):
-            sup, sup_terms = self.method.supervised(logits[:nl], y_l)
-        terms = {"loss/supervised": sup, **{f"loss/{k}": v for k, v in sup_terms.items()}}
-        total = sup
-        extras: dict = {}
-
+            sup = supervised(LabeledBatch(logits[:nl], y_l))
+        total = sup.loss
+        # name -> scalar (0-d tensor or float): the losses and every part's logs, in the order they are logged
+        entries = {"loss/supervised": sup.loss, **_prefixed(supervised.log_prefix, sup.logs)}
+        unlabeled_visuals: dict = {}
         if self.uses_unlabeled:
-            x_u, prob_u = x[nl:], prob[nl:]
-            cons, extras = self.method.specialist(UnlabeledInputs(t, cfg.max_iterations, x_u, prob_u,
-                                                                  self.noisy_teacher, timer))
-            if cons is not None:
-                terms["loss/consistency"] = cons
-                total = total + w_c * cons
-            if self.generalist is not None:
-                fg_u = prob_u[:, 1]
-                with timer("generalist"):
-                    with torch.no_grad():
-                        pseudo, confidence = self.generalist(x_u, fg_u.detach())
-                with timer("loss"):
-                    gen = self.method.generalist_term(fg_u, pseudo, confidence)
-                terms["loss/generalist"] = gen
-                total = total + w_s * gen
-                extras["pseudo_label"] = pseudo
-                extras["confidence"] = confidence
-        terms = {"loss/total": total, **terms}
+            unlabeled = UnlabeledBatch(t, cfg.max_iterations, x[nl:], prob[nl:], self.noisy_teacher, timer)
+            for slot, part in self.method.unlabeled_terms.items():
+                out = part(unlabeled)
+                if out.loss is not None:
+                    entries[f"loss/{slot}"] = out.loss
+                    total = total + weights[slot] * out.loss
+                entries.update(_prefixed(part.log_prefix, out.logs))
+                unlabeled_visuals.update(out.visuals)
+        entries = {"loss/total": total, **entries}
 
-        # one host sync per step for all scalars (also the finiteness check)
-        names = list(terms)
-        scalars = torch.stack([terms[n].detach().float() for n in names]).tolist()
-        values = dict(zip(names, scalars))
-        finite = all(np.isfinite(v) for v in scalars)
+        values = _read_scalars(entries)       # the step's one host sync
+        losses = {n: v for n, v in values.items() if n.startswith("loss/")}
+        finite = all(np.isfinite(v) for v in losses.values())
         if D.any_rank_true(not finite, self.ctx):
-            raise NonFiniteLossError(self._non_finite_message(t, values, w_c, w_s, finite))
+            raise NonFiniteLossError(self._non_finite_message(t, losses, weights, finite))
 
         with timer("backward"):
             self.optimizer.zero_grad(set_to_none=True)
@@ -319,33 +313,23 @@ class Trainer:
                 D.broadcast_buffers(self.teacher, self.ctx)
         self.iteration = t + 1
 
-        values.update({"train/lr": lr, "weights/consistency": w_c, "weights/generalist": w_s})
-        if "threshold" in extras:
-            values["uncertainty/threshold"] = float(extras["threshold"])
-            values["uncertainty/mask_fraction"] = float(extras["mask_fraction"])
-        if self.generalist is not None:
-            stats = self.generalist.last_stats
-            values["generalist/dice_vs_student"] = float(stats.get("dice_vs_specialist", float("nan")))
-            values["generalist/foreground_fraction"] = float(stats.get("foreground_fraction", float("nan")))
-            values["generalist/mean_confidence"] = float(stats.get("mean_weight", float("nan")))
+        # log order: the losses, the schedule, then the parts' diagnostics
+        values = {**losses, "train/lr": lr, **{f"weights/{slot}": w for slot, w in weights.items()},
+                  **{n: v for n, v in values.items() if n not in losses}}
         visuals = None
         if cfg.image_every > 0 and t % cfg.image_every == 0:
             visuals = {"labeled/image": x[0, 0], "labeled/label": y_l[0].float(),
-                       "labeled/prediction": prob[0, 1]}
+                       "labeled/prediction": prob[0, 1], **_prefixed("labeled", sup.visuals)}
             if self.uses_unlabeled:
-                visuals.update({"unlabeled/image": x[nl, 0], "unlabeled/prediction": prob[nl, 1]})
-                if "uncertainty" in extras:
-                    visuals["unlabeled/uncertainty"] = extras["uncertainty"][0, 0]
-                if "pseudo_label" in extras:
-                    visuals["unlabeled/pseudo_label"] = extras["pseudo_label"][0]
-                    visuals["unlabeled/confidence"] = extras["confidence"][0]
+                visuals.update({"unlabeled/image": x[nl, 0], "unlabeled/prediction": prob[nl, 1],
+                                **_prefixed("unlabeled", unlabeled_visuals)})
         return StepResult(iteration=t, values=values, visuals=visuals)
 
-    def _non_finite_message(self, t: int, values: dict, w_c: float, w_s: float, finite_here: bool) -> str:
-        terms = ", ".join(f"{k.removeprefix('loss/')}={v:.6g}" for k, v in values.items())
+    def _non_finite_message(self, t: int, losses: dict, weights: dict, finite_here: bool) -> str:
+        terms = ", ".join(f"{k.removeprefix('loss/')}={v:.6g}" for k, v in losses.items())
         where = "" if finite_here else f" on rank {self.ctx.rank}"
         if not finite_here or not self.ctx.enabled:
-            detail = f"{terms} (weights: consistency {w_c:.6g}, generalist {w_s:.6g})"
+            detail = f"{terms} (weights: " + ", ".join(f"{slot} {w:.6g}" for slot, w in weights.items()) + ")"
         else:
             detail = f"on another rank (this rank: {terms})"
         kept = (f"the last good state is {self.state_path} (iteration {self._last_saved})"
@@ -395,7 +379,8 @@ class Trainer:
 
     def describe(self) -> str:
         c = self.cfg
-        gen = "" if self.generalist is None else f", generalist {c.generalist_term} ({c.prompt}, {len(c.generalist)})"
+        gen = ("" if c.generalist_term == "none" else
+               f", generalist {c.generalist_term} ({c.prompt}, {len(c.generalist)})")
         return (f"supervised {c.supervised_loss}, specialist {c.specialist}{gen}, {len(self.labeled_idxs)} labeled + "
                 f"{len(self.unlabeled_idxs)} unlabeled cases, batch {c.batch_size} ({c.labeled_bs} labeled)")
 
@@ -418,7 +403,7 @@ class Trainer:
 
     def state_dict(self) -> dict:
         """The train state (format: ``training.state``); RNG bundles of all ranks (a collective call)."""
-        rng = D.gather_objects(S.capture_rng(self.device, self.click_generator), self.ctx)
+        rng = D.gather_objects(S.capture_rng(self.device, self.term_generator), self.ctx)
         config = self.cfg.to_dict()
         config.update(cases=list(self.dataset.cases), world_size=self.ctx.world_size)
         return {"format": S.STATE_FORMAT, "version": S.STATE_VERSION, "iteration": self.iteration,
@@ -459,13 +444,13 @@ class Trainer:
         self.sampler.load_state_dict({k: v for k, v in st["sampler"].items() if k != "rank"})
         bundles = st["rng"]
         if len(bundles) == self.ctx.world_size:
-            S.restore_rng(bundles[self.ctx.rank], self.device, self.click_generator)
+            S.restore_rng(bundles[self.ctx.rank], self.device, self.term_generator)
         else:
             self.out.warning(f"{path} was written by {len(bundles)} rank(s), this run has {self.ctx.world_size}: "
                              f"random streams are re-seeded, so the continuation is not bit-identical")
             seed_everything(derived_seed(self.cfg.seed, self.ctx.rank, self.iteration))
-            if self.click_generator is not None:
-                self.click_generator.manual_seed(derived_seed(self.cfg.seed, self.ctx.rank, self.iteration, 7))
+            if self.term_generator is not None:
+                self.term_generator.manual_seed(derived_seed(self.cfg.seed, self.ctx.rank, self.iteration, 7))
         self.out.info(f"resumed from {path} at iteration {self.iteration}")
 
     # ------------------------------------------------------------------------------------ validation

@@ -1,9 +1,10 @@
-"""The method as small parts chosen by name (nnU-Net-style variants, segment-anything-style registries).
+"""The built-in parts of a step's loss, chosen by name (interface and registries: ``training.parts``).
 
-A step's loss is ``L = L_sup + w_c(t) * L_ssl + w_s(t) * L_sam`` (DESIGN.md section 1); each term is one part:
+A step's loss is ``L = L_sup + w_c(t) * L_c + w_g(t) * L_g``; each term is one part:
 
 - ``SUPERVISED_LOSSES``: 'ce_dice' (UA-MT: ``0.5 * (CE + Dice)`` on the labeled patches).
-- ``SPECIALISTS`` (specialist consistency, needs the EMA teacher):
+- ``CONSISTENCY_TERMS`` (the specialist consistency, needs the EMA teacher; chosen by the ``--specialist``
+  flag / ``TrainConfig.specialist``, names kept from the README and scripts):
     'none' - no consistency, no teacher (supervised baseline, or SemiSAM without MT);
     'mt'   - mean teacher: ``mean((p_s - p_t)^2)`` over unlabeled voxels and classes, p_t from the teacher on
              ``x_u + clamp(0.1 N(0,1), -0.2, 0.2)``;
@@ -11,19 +12,16 @@ A step's loss is ``L = L_sup + w_c(t) * L_ssl + w_s(t) * L_sam`` (DESIGN.md sect
              below ``(0.75 + 0.25 sigmoid_rampup(t, T_max)) ln 2``, normalised by ``2 sum(mask)``; the target
              pass is one of the T (``uamt_reuse_target``).
   Weight ``w_c(t) = consistency * sigmoid_rampup(t // 150, consistency_rampup)``.
-- ``GENERALIST_TERMS`` (pseudo-labels of the frozen SAM-Med3D generalist on the unlabeled patches):
-    'none', 'semisam' - ``mean((p_fg - m)^2)``, 'semisam_plus' - ``sum(w (p_fg - m)^2) / (sum(w) + 1e-8)``
-    with the generalist's per-voxel confidence ``w`` (gradient kept, unlike the official code: defect 5).
-  Weight ramped *down*: ``w_s(t) = sam_weight * sigmoid_rampup((T_max - t) // 150, sam_rampdown)``.
+- ``GENERALIST_TERMS`` (``training.generalist_terms``: pseudo-labels of the frozen SAM-Med3D generalist on the
+  unlabeled patches, prompted by the student's detached foreground probability): 'none', 'semisam',
+  'semisam_plus'. Weight ramped *down*: ``w_g(t) = sam_weight * sigmoid_rampup((T_max - t) // 150, sam_rampdown)``.
 
-The generalist is prompted from the *student's* detached foreground probability on the unlabeled patches
-(DESIGN.md: ``prompts(p_u.detach())``); no label of an unlabeled scan is ever available to it.
 Unlike the official SemiSAM script, no unused teacher passes are computed (defect 8): the T stochastic passes
 run only for 'uamt'.
 
-Adding a variant: subclass ``Specialist`` or ``GeneralistTerm``, give it a ``name`` and register it with
-``register_specialist`` / ``register_generalist_term``; the engine and the ``--specialist`` /
-``--generalist_term`` flags pick it up by name.
+Adding a part: one class with a ``name``, decorated with ``@register_consistency`` (subclass
+``ConsistencyTerm``), ``@register_generalist_term`` (subclass ``training.generalist_terms.GeneralistTerm``) or
+``@register_supervised_loss``; the engine and the flags pick it up by name.
 """
 from __future__ import annotations
 
@@ -35,7 +33,9 @@ import torch.nn.functional as F
 
 from utils import losses, ramps
 
-from training.timing import Timer, null_timer
+from training.generalist_terms import GeneralistTerm  # noqa: F401  (registers the generalist terms)
+from training.parts import (CONSISTENCY_TERMS, GENERALIST_TERMS, SUPERVISED_LOSSES, LabeledBatch, SetupContext,
+                            Term, TermOutput, UnlabeledBatch, register_consistency, register_supervised_loss)
 
 
 # ------------------------------------------------------------------------------------------ teacher
@@ -95,158 +95,112 @@ class NoisyTeacher:
             return total / passes
 
 
-# ------------------------------------------------------------------------------------------ parts
-@dataclass
-class UnlabeledInputs:
-    """What a specialist consistency sees at step ``t`` (U = batch_size - labeled_bs unlabeled patches).
+# ------------------------------------------------------------------------------------------ supervised
+@register_supervised_loss
+class CeDiceLoss(Term):
+    """UA-MT: 0.5 * (CE + Dice) on the labeled patches."""
+    name = "ce_dice"
+    log_prefix = "loss"
 
-    x_u: (U, 1, X, Y, Z) images; prob_u: (U, C, X, Y, Z) float32 student softmax (with autograd graph).
-    """
-    t: int
-    max_iterations: int
-    x_u: torch.Tensor
-    prob_u: torch.Tensor
-    teacher: Optional[NoisyTeacher]
-    timer: Timer = null_timer
+    def __call__(self, batch: LabeledBatch) -> TermOutput:
+        loss, parts = losses.ce_dice_loss(batch.logits, batch.labels)
+        return TermOutput(loss, logs=parts)
 
 
-class Specialist:
-    """Specialist consistency 'none': no teacher, zero weight."""
-    name = "none"
-    needs_teacher = False
-
-    def __init__(self, cfg):
-        self.cfg = cfg
-
-    def weight(self, t: int) -> float:
-        return 0.0
-
-    def __call__(self, inp: UnlabeledInputs) -> tuple[Optional[torch.Tensor], dict]:
-        """-> (scalar consistency distance or None, extras for logging)."""
-        return None, {}
-
-
-class MeanTeacherConsistency(Specialist):
-    """'mt': ``mean((p_s - p_t)^2)`` over the unlabeled patches, all voxels and classes."""
-    name = "mt"
+# ------------------------------------------------------------------------------------------ consistency
+class ConsistencyTerm(Term):
+    """Base of the specialist consistencies: the student against the EMA teacher on the unlabeled patches,
+    weighted by ``w_c(t) = consistency * sigmoid_rampup(t // rampup_block, consistency_rampup)``."""
+    uses_unlabeled = True
     needs_teacher = True
+    log_prefix = "consistency"
 
     def weight(self, t: int) -> float:
         c = self.cfg
         return ramps.consistency_weight(t, c.consistency, c.consistency_rampup, c.rampup_block)
 
-    def _target(self, inp: UnlabeledInputs) -> torch.Tensor:
-        with inp.timer("teacher"):
-            return inp.teacher.prob(inp.x_u)
-
-    def __call__(self, inp):
-        p_t = self._target(inp)
-        with inp.timer("loss"):
-            return losses.prob_mse(inp.prob_u, p_t).mean(), {}
+    def _teacher_prob(self, batch: UnlabeledBatch) -> torch.Tensor:
+        """One noisy teacher pass: (U, C, X, Y, Z) float32 softmax."""
+        with batch.timer("teacher"):
+            return batch.teacher.prob(batch.images)
 
 
-class UncertaintyAwareConsistency(MeanTeacherConsistency):
-    """'uamt': MSE where the teacher's predictive entropy over T noisy passes is below UA-MT's threshold.
+@register_consistency
+class MeanTeacherConsistency(ConsistencyTerm):
+    """mean teacher: mean((p_s - p_t)^2) over the unlabeled voxels and classes."""
+    name = "mt"
+
+    def __call__(self, batch: UnlabeledBatch) -> TermOutput:
+        teacher_prob = self._teacher_prob(batch)
+        with batch.timer("loss"):
+            return TermOutput(losses.prob_mse(batch.student_prob, teacher_prob).mean())
+
+
+@register_consistency
+class UncertaintyAwareConsistency(ConsistencyTerm):
+    """UA-MT: the MSE where the teacher's predictive entropy over T noisy passes is below a ramped threshold.
 
     The consistency target is a single noisy teacher pass. With ``uamt_reuse_target`` (default) it is also one
     of the T passes of the uncertainty, so T - 1 more passes are made; UA-MT made T separate passes besides
     it. Each pass draws fresh noise and dropout either way, so the estimator has the same distribution at
     8/9 of the teacher work. Batching several passes into one forward changes which samples share BatchNorm
     batch statistics (UA-MT used 2 copies per forward), not the estimator.
+    Logs ``uncertainty/threshold`` and ``uncertainty/mask_fraction``; visual ``unlabeled/uncertainty``.
     """
     name = "uamt"
+    log_prefix = "uncertainty"
 
-    def __call__(self, inp):
-        p_t = self._target(inp)
-        with inp.timer("uncertainty"):
-            threshold = ramps.uamt_threshold(inp.t, inp.max_iterations)
-            mean_p = inp.teacher.mean_prob(inp.x_u, self.cfg.uamt_passes, self.cfg.uamt_passes_per_forward,
-                                           done=p_t if self.cfg.uamt_reuse_target else None)
+    def __call__(self, batch: UnlabeledBatch) -> TermOutput:
+        teacher_prob = self._teacher_prob(batch)
+        with batch.timer("uncertainty"):
+            threshold = ramps.uamt_threshold(batch.t, batch.max_iterations)
+            mean_p = batch.teacher.mean_prob(batch.images, self.cfg.uamt_passes, self.cfg.uamt_passes_per_forward,
+                                             done=teacher_prob if self.cfg.uamt_reuse_target else None)
             with torch.inference_mode():
                 uncertainty = losses.predictive_entropy(mean_p)           # (U, 1, X, Y, Z)
                 mask = (uncertainty < threshold).float()
             uncertainty, mask = uncertainty.clone(), mask.clone()     # normal tensors for autograd
-        with inp.timer("loss"):
-            dist = losses.uncertainty_masked_mse(losses.prob_mse(inp.prob_u, p_t), mask)
-        return dist, {"threshold": threshold, "mask_fraction": mask.mean(), "uncertainty": uncertainty}
+        with batch.timer("loss"):
+            loss = losses.uncertainty_masked_mse(losses.prob_mse(batch.student_prob, teacher_prob), mask)
+        return TermOutput(loss, logs={"threshold": threshold, "mask_fraction": mask.mean()},
+                          visuals={"uncertainty": uncertainty[0, 0]})
 
 
-class GeneralistTerm:
-    """Generalist term 'none'."""
-    name = "none"
-    needs_generalist = False
-    weighted = False
-
-    def __init__(self, cfg):
-        self.cfg = cfg
-
-    def weight(self, t: int) -> float:
-        return 0.0
-
-    def __call__(self, fg_prob_u: torch.Tensor, pseudo_label: torch.Tensor,
-                 confidence: torch.Tensor) -> Optional[torch.Tensor]:
-        return None
-
-
-class SemiSAMTerm(GeneralistTerm):
-    """'semisam': ``mean((p_fg - m)^2)``; fg_prob_u, pseudo_label (U, X, Y, Z); confidence ignored."""
-    name = "semisam"
-    needs_generalist = True
-
-    def weight(self, t: int) -> float:
-        c = self.cfg
-        return ramps.rampdown_weight(t, c.max_iterations, c.sam_weight, c.sam_rampdown, c.rampup_block)
-
-    def __call__(self, fg_prob_u, pseudo_label, confidence):
-        return losses.pseudo_label_mse(fg_prob_u, pseudo_label)
-
-
-class SemiSAMPlusTerm(SemiSAMTerm):
-    """'semisam_plus': ``sum(w (p_fg - m)^2) / (sum(w) + 1e-8)`` with the generalist's confidence ``w``."""
-    name = "semisam_plus"
-    weighted = True
-
-    def __call__(self, fg_prob_u, pseudo_label, confidence):
-        return losses.confidence_weighted_mse(fg_prob_u, pseudo_label, confidence)
-
-
-SupervisedLoss = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict]]
-
-SUPERVISED_LOSSES: dict[str, SupervisedLoss] = {"ce_dice": losses.ce_dice_loss}
-SPECIALISTS: dict[str, type[Specialist]] = {}
-GENERALIST_TERMS: dict[str, type[GeneralistTerm]] = {}
-
-
-def register_specialist(cls: type[Specialist]) -> type[Specialist]:
-    SPECIALISTS[cls.name] = cls
-    return cls
-
-
-def register_generalist_term(cls: type[GeneralistTerm]) -> type[GeneralistTerm]:
-    GENERALIST_TERMS[cls.name] = cls
-    return cls
-
-
-for _cls in (Specialist, MeanTeacherConsistency, UncertaintyAwareConsistency):
-    register_specialist(_cls)
-for _cls in (GeneralistTerm, SemiSAMTerm, SemiSAMPlusTerm):
-    register_generalist_term(_cls)
-
-
+# ------------------------------------------------------------------------------------------ a method
 @dataclass
 class MethodParts:
-    supervised: SupervisedLoss
-    specialist: Specialist
-    generalist_term: GeneralistTerm
+    """The parts of one method, by slot (the name under which the engine logs ``loss/<slot>``)."""
+    supervised: Term
+    consistency: Term
+    generalist: Term
+
+    @property
+    def unlabeled_terms(self) -> dict[str, Term]:
+        """slot -> part, in the order the engine adds them to the loss."""
+        return {"consistency": self.consistency, "generalist": self.generalist}
+
+    def _all(self) -> tuple[Term, ...]:
+        return (self.supervised, self.consistency, self.generalist)
+
+    @property
+    def uses_unlabeled(self) -> bool:
+        return any(p.uses_unlabeled for p in self._all())
+
+    @property
+    def needs_teacher(self) -> bool:
+        return any(p.needs_teacher for p in self._all())
+
+    @property
+    def needs_generator(self) -> bool:
+        return any(p.needs_generator for p in self._all())
+
+    def setup(self, ctx: SetupContext) -> None:
+        for part in self._all():
+            part.setup(ctx)
 
 
 def build_method(cfg) -> MethodParts:
     """The parts named by ``cfg.supervised_loss``, ``cfg.specialist``, ``cfg.generalist_term``."""
-    for registry, key, what in ((SUPERVISED_LOSSES, cfg.supervised_loss, "supervised loss"),
-                                (SPECIALISTS, cfg.specialist, "specialist"),
-                                (GENERALIST_TERMS, cfg.generalist_term, "generalist term")):
-        if key not in registry:
-            raise KeyError(f"{what} {key!r} is not registered; choose from {sorted(registry)}")
-    return MethodParts(supervised=SUPERVISED_LOSSES[cfg.supervised_loss],
-                       specialist=SPECIALISTS[cfg.specialist](cfg),
-                       generalist_term=GENERALIST_TERMS[cfg.generalist_term](cfg))
+    return MethodParts(supervised=SUPERVISED_LOSSES.build(cfg.supervised_loss, cfg),
+                       consistency=CONSISTENCY_TERMS.build(cfg.specialist, cfg),
+                       generalist=GENERALIST_TERMS.build(cfg.generalist_term, cfg))

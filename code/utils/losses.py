@@ -79,23 +79,24 @@ def uncertainty_masked_mse(mse: torch.Tensor, mask: torch.Tensor) -> torch.Tenso
     return torch.sum(mask * mse) / (mse.shape[1] * torch.sum(mask) + 1e-16)
 
 
-def pseudo_label_mse(prob: torch.Tensor, pseudo_label: torch.Tensor) -> torch.Tensor:
-    """SemiSAM's ``mean((p - m)^2)``; prob and pseudo_label (B, X, Y, Z) -> scalar."""
-    if prob.shape != pseudo_label.shape:
-        raise ValueError(f"pseudo_label_mse: prob {tuple(prob.shape)} and pseudo-label "
+def pseudo_label_mse(student_fg_prob: torch.Tensor, pseudo_label: torch.Tensor) -> torch.Tensor:
+    """SemiSAM's ``mean((p - m)^2)``; student_fg_prob and pseudo_label (B, X, Y, Z) -> scalar."""
+    if student_fg_prob.shape != pseudo_label.shape:
+        raise ValueError(f"pseudo_label_mse: student_fg_prob {tuple(student_fg_prob.shape)} and pseudo-label "
                          f"{tuple(pseudo_label.shape)} differ in shape")
-    return torch.mean((prob - pseudo_label) ** 2)
+    return torch.mean((student_fg_prob - pseudo_label) ** 2)
 
 
-def confidence_weighted_mse(prob: torch.Tensor, pseudo_label: torch.Tensor, weight: torch.Tensor,
+def confidence_weighted_mse(student_fg_prob: torch.Tensor, pseudo_label: torch.Tensor, confidence: torch.Tensor,
                             eps: float = 1e-8) -> torch.Tensor:
-    """SemiSAM+'s ``sum(w (p - m)^2) / (sum(w) + eps)``; prob, pseudo_label, weight (B, X, Y, Z) -> scalar.
+    """SemiSAM+'s ``sum(w (p - m)^2) / (sum(w) + eps)`` with the generalist's per-voxel confidence ``w``;
+    student_fg_prob, pseudo_label, confidence (B, X, Y, Z) -> scalar.
 
-    The weight is a constant (no gradient flows into it); the gradient wrt ``prob`` is
+    The confidence is a constant (no gradient flows into it); the gradient wrt ``student_fg_prob`` is
     ``2 w (p - m) / (sum(w) + eps)``, nonzero wherever the student and the generalist disagree.
     """
-    if not prob.shape == pseudo_label.shape == weight.shape:
-        raise ValueError(f"confidence_weighted_mse: prob {tuple(prob.shape)}, pseudo-label "
-                         f"{tuple(pseudo_label.shape)} and weight {tuple(weight.shape)} must have one shape")
-    weight = weight.detach()
-    return torch.sum(weight * (prob - pseudo_label) ** 2) / (torch.sum(weight) + eps)
+    if not student_fg_prob.shape == pseudo_label.shape == confidence.shape:
+        raise ValueError(f"confidence_weighted_mse: student_fg_prob {tuple(student_fg_prob.shape)}, pseudo-label "
+                         f"{tuple(pseudo_label.shape)} and confidence {tuple(confidence.shape)} must have one shape")
+    confidence = confidence.detach()
+    return torch.sum(confidence * (student_fg_prob - pseudo_label) ** 2) / (torch.sum(confidence) + eps)
