@@ -6,12 +6,14 @@ n_filters 4) with tiny random SAM-Med3D generalists (``test_train_common.write_t
 values were recorded from the code before the step's parts got their common interface; a refactor of the
 engine, the method parts or the generalist branch must reproduce them bit for bit.
 
-Floating-point results depend on the CPU's kernels: the values below are exact on a CPU of the recorded
-``torch.backends.cpu.get_cpu_capability()``; elsewhere they are compared with a relative tolerance (the
-weights' hash is then not comparable and only the weights' sums are checked).
+Floating-point results depend on the CPU's kernels (oneDNN's blocking follows the processor, not only its
+instruction set): the values below are exact on the recorded machine (ATen capability and CPU model, oneDNN
+unrestricted); elsewhere they are compared with a relative tolerance (the weights' hash is then not comparable
+and only the weights' sums are checked).
 """
 import hashlib
 import math
+import os
 
 import pytest
 import torch
@@ -34,6 +36,20 @@ METHODS = {
     "semisam_plus_unc": (dict(specialist="mt", generalist_term="semisam_plus", prompt="unc"), 2),
 }
 RECORDED_CAPABILITY = "AVX512"
+RECORDED_CPU = "Intel(R) Xeon(R) Processor"      # /proc/cpuinfo "model name" of the recording machine
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        return ""
+
+
+def on_recorded_machine() -> bool:
+    return (torch.backends.cpu.get_cpu_capability() == RECORDED_CAPABILITY and cpu_model() == RECORDED_CPU
+            and not os.environ.get("ONEDNN_MAX_CPU_ISA"))
 
 # name -> per step: logged values and the logged volumes' sums; sha256 of the final student and teacher state; sum of the student's floats
 PINNED: dict = {'sup': {'steps': [{'loss/total': 0.5576499700546265,
@@ -305,7 +321,7 @@ def run_method(name: str, data: dict, tmp_path) -> dict:
 def test_train_step_numerics_are_pinned(name, data, tmp_path):
     got = run_method(name, data, tmp_path)
     want = PINNED[name]
-    exact = torch.backends.cpu.get_cpu_capability() == RECORDED_CAPABILITY
+    exact = on_recorded_machine()
     assert [list(s) for s in got["steps"]] == [list(s) for s in want["steps"]], "logged names or order changed"
     for t, (g, w) in enumerate(zip(got["steps"], want["steps"])):
         for key in w:
@@ -337,4 +353,5 @@ if __name__ == "__main__":     # record: python tests/test_train_step_pinned.py 
         sams = [write_tiny_sam(tmp, seed=s, name=f"sam_{s}.pth") for s in range(2)]
         d = dict(folder=tmp, root=tmp / "phantoms", sams=[s[0] for s in sams], cfg_json=sams[0][1])
         print("RECORDED_CAPABILITY =", repr(torch.backends.cpu.get_cpu_capability()))
+        print("RECORDED_CPU =", repr(cpu_model()))
         pprint.pprint({n: run_method(n, d, tmp / n) for n in METHODS}, width=120, sort_dicts=False)
