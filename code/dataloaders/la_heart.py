@@ -313,6 +313,7 @@ class LAHeart(Dataset):
         cache: keep decoded volumes in memory (per process: each DataLoader worker has its own copy).
         withhold_labels: dataset indices of unlabeled scans. Their ``label`` dataset is never read from disk
             (not here, not in the cache); their item label is all zeros and ``labeled`` is False.
+        num_classes: label values must lie in 0..num_classes-1 (2 for LA; more for prepared datasets).
 
     Items (``ds[i]`` or ``ds[(i, aug_seed)]``): dict(image float32 (1,X,Y,Z), label int64 (X,Y,Z), idx int,
     labeled bool, case str). With ``aug_seed`` random transforms draw from ``np.random.default_rng(aug_seed)``;
@@ -320,8 +321,9 @@ class LAHeart(Dataset):
     """
 
     def __init__(self, base_dir=DEFAULT_ROOT, split: str = "train", list_file=None, num=None, transform=None,
-                 cache: bool = False, withhold_labels: Iterable[int] = ()):
+                 cache: bool = False, withhold_labels: Iterable[int] = (), num_classes: int = 2):
         self.base_dir = check_data_folder(base_dir)
+        self.num_classes = int(num_classes)
         self.list_file = Path(list_file) if list_file is not None else list_path(base_dir, split)
         cases = read_list(self.list_file)
         if num is not None:
@@ -358,7 +360,8 @@ class LAHeart(Dataset):
         """Decoded (image float32 (X,Y,Z), label uint8 (X,Y,Z) or None for withheld labels), cached if asked."""
         if idx in self._cache:
             return self._cache[idx]
-        arrays = load_case(self.base_dir, self.cases[idx], with_label=self.is_labeled(idx))
+        arrays = load_case(self.base_dir, self.cases[idx], with_label=self.is_labeled(idx),
+                           num_classes=self.num_classes)
         if self.cache:
             self._cache[idx] = arrays
         return arrays

@@ -41,6 +41,7 @@ channels_last / cache      auto (CPU, CUDA) / on            ours (speed; same ma
 from __future__ import annotations
 
 import argparse
+import sys
 import dataclasses
 import json
 import os
@@ -62,6 +63,10 @@ class TrainConfig:
     root_path: str = "../data/2018LA_Seg_Training Set/"
     train_list: Optional[str] = None          # None -> <root_path>/../train.list
     labeled_num: int = 16
+    # a folder written by prepare_dataset.py: root_path, train_list, num_classes and (unless given) labeled_num
+    # come from it (``apply_dataset``); None: LA's h5 layout, 2 classes
+    dataset: Optional[str] = None
+    num_classes: int = 2
     patch_size: tuple = (112, 112, 80)
     batch_size: int = 4
     labeled_bs: int = 2
@@ -150,7 +155,7 @@ class TrainConfig:
     @property
     def vnet_kwargs(self) -> dict:
         """Constructor kwargs of the student/teacher ``VNet`` (stored in train_state['config']['vnet'])."""
-        return dict(n_channels=1, n_classes=2, n_filters=self.n_filters, normalization="batchnorm",
+        return dict(n_channels=1, n_classes=self.num_classes, n_filters=self.n_filters, normalization="batchnorm",
                     has_dropout=self.has_dropout)
 
     @property
@@ -180,6 +185,11 @@ class TrainConfig:
         need(1 <= self.labeled_bs <= self.batch_size,
              f"labeled_bs must be in [1, batch_size={self.batch_size}], got {self.labeled_bs}")
         need(self.labeled_num >= 1, f"labeled_num must be >= 1, got {self.labeled_num}")
+        need(self.num_classes >= 2, f"num_classes must be >= 2 (background and one class), got {self.num_classes}")
+        need(self.num_classes == 2 or self.generalist_term == "none",
+             f"generalist term {self.generalist_term!r}: prompting the generalist once per class of a "
+             f"{self.num_classes}-class dataset is not implemented yet; use --generalist none (MT / UA-MT / "
+             f"supervised train with any number of classes)")
         need(self.max_iterations >= 1, f"max_iterations must be >= 1, got {self.max_iterations}")
         need(self.stop_after is None or 1 <= self.stop_after <= self.max_iterations,
              f"stop_after must be in [1, max_iterations={self.max_iterations}], got {self.stop_after}")
@@ -242,7 +252,11 @@ def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
     g = p.add_argument_group("data").add_argument
     g("--root_path", type=str, help="folder of case folders (UA-MT layout)")
     g("--train_list", type=str, help="training case list (None: <root_path>/../train.list)")
-    g("--labeled_num", type=int, help="the first labeled_num cases of the list are labeled, the rest unlabeled")
+    g("--labeled_num", type=int, help="the first labeled_num cases of the list are labeled, the rest unlabeled "
+                                     "(with --dataset: its labeled training cases, unless given)")
+    g("--dataset", type=str, help="a folder written by prepare_dataset.py (sets --root_path, --train_list, "
+                                  "--num_classes and the labeled count; None: LA's layout)")
+    g("--num_classes", type=int, help="output classes, background included (with --dataset: from its dataset.json)")
     g("--patch_size", type=int, nargs=3, metavar=("X", "Y", "Z"), help="training patch (multiples of 16)")
     g("--batch_size", type=int, help="patches per step, labeled and unlabeled")
     g("--labeled_bs", type=int, help="labeled patches per step (the first rows of the batch)")
@@ -329,8 +343,11 @@ def parse_config(defaults: dict | None = None, argv: Sequence[str] | None = None
 
     With ``--print_config`` the resolved settings are printed as JSON (``TrainConfig.to_dict``) and
     ``SystemExit(0)`` is raised, as ``-h`` does, before anything reads data or writes a file."""
-    ns = build_parser(defaults).parse_args(list(argv) if argv is not None else None)
+    argv = list(argv) if argv is not None else sys.argv[1:]
+    ns = build_parser(defaults).parse_args(argv)
     values = {k: v for k, v in vars(ns).items() if k in _FIELDS}
+    if values.get("dataset"):
+        apply_dataset(values, explicit_flags(defaults, argv))
     values["patch_size"] = tuple(int(v) for v in values["patch_size"])
     gens = [str(g) for g in (values["generalist"] or [])]
     if gens == ["none"]:
@@ -342,6 +359,41 @@ def parse_config(defaults: dict | None = None, argv: Sequence[str] | None = None
         print(json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
         raise SystemExit(0)
     return cfg
+
+
+def explicit_flags(defaults: dict | None, argv: Sequence[str]) -> set[str]:
+    """The settings ``argv`` names explicitly (abbreviations included), as opposed to defaults."""
+    unset = object()       # not a string: argparse passes it through without the flag's type conversion
+    p = build_parser(defaults)
+    p.set_defaults(**{name: unset for name in _FIELDS})
+    return {k for k, v in vars(p.parse_args(argv)).items() if v is not unset and k in _FIELDS}
+
+
+def apply_dataset(values: dict, explicit: set[str]) -> None:
+    """Fill ``values`` from the prepared dataset ``values['dataset']``: root_path (``<dataset>/cases``),
+    train_list and num_classes always, labeled_num (its labeled training cases) unless given on the command
+    line (scripts' LA defaults do not count). Raises ConfigError naming the file when it is not a prepared
+    dataset."""
+    folder = Path(values["dataset"])
+    path = folder / "dataset.json"
+    try:
+        info = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"--dataset {folder}: no dataset.json (a folder written by prepare_dataset.py)") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}: not valid JSON ({err})") from None
+    if info.get("format") != "semisam_prepared_dataset":
+        raise ConfigError(f"{path}: not written by prepare_dataset.py (no 'format': 'semisam_prepared_dataset')")
+    if "root_path" not in explicit:
+        values["root_path"] = str(folder / "cases")
+    if "train_list" not in explicit:
+        values["train_list"] = str(folder / "train.list")
+    if "num_classes" in explicit and values["num_classes"] != info["num_classes"]:
+        raise ConfigError(f"--num_classes {values['num_classes']} contradicts {path} ({info['num_classes']} "
+                          f"classes: {info['class_names']})")
+    values["num_classes"] = int(info["num_classes"])
+    if "labeled_num" not in explicit:
+        values["labeled_num"] = int(info["n_labeled_train"])
 
 
 def config_from_dict(d: dict) -> TrainConfig:

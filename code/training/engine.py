@@ -197,7 +197,7 @@ class Trainer:
                              f"({len(cases)} cases); a semi-supervised method needs at least one")
         transform = Compose([RandomRotFlip(), RandomCrop(cfg.patch_size), ToTensor()])
         self.dataset = LAHeart(base_dir=cfg.root_path, list_file=list_file, transform=transform, cache=cfg.cache,
-                               withhold_labels=self.unlabeled_idxs)
+                               withhold_labels=self.unlabeled_idxs, num_classes=cfg.num_classes)
         used = self.labeled_idxs + (self.unlabeled_idxs if self.uses_unlabeled else [])
         if cfg.cache:   # before any worker forks, so the workers share one decoded copy
             self.dataset.preload(used)
@@ -456,15 +456,20 @@ class Trainer:
     # ------------------------------------------------------------------------------------ validation
     def validate(self) -> Optional[float]:
         """Mean Dice of the student over --val_list by sliding window (LCC post-processing, as the test
-        protocol); saves best_model.pth when it improves. Main rank only; returns the mean Dice there."""
+        protocol; with K > 2 classes the mean over cases and foreground classes, the largest component of each
+        class kept); saves best_model.pth when it improves. Main rank only; returns the mean Dice there."""
         if not self.ctx.is_main:
             return None
-        from utils.inference import evaluate
+        from utils.inference import evaluate, evaluate_classes
         cfg = self.cfg
         cases = read_list(cfg.val_list)
-        records = evaluate(self.student, cfg.root_path, cases, patch_size=cfg.patch_size,
-                           stride_xy=cfg.val_stride_xy, stride_z=cfg.val_stride_z, post_process=True,
-                           amp_dtype=self.amp_dtype, device=self.device)
+        kw = dict(patch_size=cfg.patch_size, stride_xy=cfg.val_stride_xy, stride_z=cfg.val_stride_z,
+                  post_process=True, amp_dtype=self.amp_dtype, device=self.device)
+        if cfg.num_classes == 2:
+            records = evaluate(self.student, cfg.root_path, cases, **kw)
+        else:
+            records = [{m: float(np.nanmean([c[m] for c in r["classes"].values()])) for m in ("dice", "hd95")}
+                       for r in evaluate_classes(self.student, cfg.root_path, cases, cfg.num_classes, **kw)]
         dice = float(np.mean([r["dice"] for r in records]))
         self.out.scalars({"val/dice": dice, "val/hd95_voxels": float(np.mean([r["hd95"] for r in records]))},
                          self.iteration)

@@ -153,7 +153,7 @@ class UncertaintyAwareConsistency(ConsistencyTerm):
     def __call__(self, batch: UnlabeledBatch) -> TermOutput:
         teacher_prob = self._teacher_prob(batch)
         with batch.timer("uncertainty"):
-            threshold = ramps.uamt_threshold(batch.t, batch.max_iterations)
+            threshold = ramps.uamt_threshold(batch.t, batch.max_iterations, batch.student_prob.shape[1])
             mean_p = batch.teacher.mean_prob(batch.images, self.cfg.uamt_passes, self.cfg.uamt_passes_per_forward,
                                              done=teacher_prob if self.cfg.uamt_reuse_target else None)
             with torch.inference_mode():

@@ -38,7 +38,9 @@ def dice_loss(score: torch.Tensor, target: torch.Tensor, smooth: float = DICE_SM
 
 
 def ce_dice_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """UA-MT's supervised loss ``0.5 * (CE(logits, labels) + dice_loss(softmax[:, 1], labels == 1))``.
+    """UA-MT's supervised loss ``0.5 * (CE(logits, labels) + dice_loss(softmax[:, 1], labels == 1))``; with C > 2
+    classes the Dice term is the mean of ``dice_loss(softmax[:, k], labels == k)`` over the foreground classes
+    k = 1..C-1 (for C = 2 exactly UA-MT's).
 
     Args:
         logits: (L, C, X, Y, Z) float32 logits of the labeled patches.
@@ -48,7 +50,11 @@ def ce_dice_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
     if logits.shape[0] != labels.shape[0] or logits.shape[2:] != labels.shape[1:]:
         raise ValueError(f"ce_dice_loss: logits {tuple(logits.shape)} do not match labels {tuple(labels.shape)}")
     ce = F.cross_entropy(logits, labels)
-    dice = dice_loss(F.softmax(logits, dim=1)[:, 1], labels == 1)
+    prob = F.softmax(logits, dim=1)
+    if logits.shape[1] == 2:
+        dice = dice_loss(prob[:, 1], labels == 1)
+    else:
+        dice = torch.stack([dice_loss(prob[:, k], labels == k) for k in range(1, logits.shape[1])]).mean()
     return 0.5 * (ce + dice), {"ce": ce, "dice": dice}
 
 

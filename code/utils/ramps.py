@@ -51,9 +51,10 @@ def rampdown_weight(t: int, max_iterations: int, w_max: float, rampdown: float, 
     return w_max * sigmoid_rampup((max_iterations - t) // block, rampdown)
 
 
-def uamt_threshold(t: int, max_iterations: int) -> float:
-    """UA-MT's uncertainty threshold ``(0.75 + 0.25 * sigmoid_rampup(t, max_iterations)) * ln 2``."""
-    return (0.75 + 0.25 * sigmoid_rampup(t, max_iterations)) * math.log(2)
+def uamt_threshold(t: int, max_iterations: int, num_classes: int = 2) -> float:
+    """UA-MT's uncertainty threshold ``(0.75 + 0.25 * sigmoid_rampup(t, max_iterations)) * ln 2``. ln 2 is the
+    largest entropy of two classes; with C classes it is ln C (the same fraction of the largest entropy)."""
+    return (0.75 + 0.25 * sigmoid_rampup(t, max_iterations)) * math.log(num_classes)
 
 
 def step_lr(base_lr: float, t: int, step: int = 2500, gamma: float = 0.1) -> float:
