@@ -15,6 +15,8 @@ import torch
 
 from benchmarks import bench_clicks, bench_encoder, bench_inference, bench_step, gpu_smoke
 from benchmarks import common as C
+from utils.metrics import binary_dice
+from utils.report import markdown_table
 
 BENCH_DIR = Path(bench_step.__file__).resolve().parent
 TINY_STEP = ["--patch_size", "32", "32", "16", "--batch_size", "2", "--labeled_bs", "1", "--n_filters", "4",
@@ -31,9 +33,9 @@ def test_spread_ratio_dice_and_table():
         C.spread([])
     assert C.ratio(3.0, 1.5) == 2.0 and C.ratio(1.0, 0.0) is None
     a = torch.tensor([1, 1, 0, 0])
-    assert C.dice(a, torch.tensor([1, 0, 1, 0])) == 0.5
-    assert C.dice(torch.zeros(3), torch.zeros(3)) == 1.0
-    table = C.markdown_table(["name", "value"], [["a", "1"], ["bbb", "22"]]).splitlines()
+    assert binary_dice(a, torch.tensor([1, 0, 1, 0])) == 0.5
+    assert binary_dice(torch.zeros(3), torch.zeros(3)) == 1.0
+    table = markdown_table(["name", "value"], [["a", "1"], ["bbb", "22"]]).splitlines()
     assert table[0] == "| name | value |" and table[1] == "|------|------:|" and table[3] == "| bbb  |    22 |"
     assert C.fmt_seconds(0.0123) == "12.3 ms" and C.fmt_seconds(2.5) == "2.50 s"
 

@@ -48,9 +48,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from utils.generalist import GEOMETRIES, PROMPTS
+
 AMP_MODES = ("none", "bf16")
-PROMPTS = ("point", "mask", "unc")
-GEOMETRIES = ("pad", "resample")
 
 
 @dataclass

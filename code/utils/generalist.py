@@ -47,7 +47,6 @@ stays float32 because its sinusoidal coordinate encoding needs the precision.
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Sequence
 
 import torch
@@ -55,6 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from utils.clicks import accumulate_clicks, next_clicks
+from utils.runtime import autocast
 
 __all__ = ["GeneralistBranch", "pseudo_label", "sam_znorm", "PROMPTS", "GEOMETRIES"]
 
@@ -218,9 +218,7 @@ class GeneralistBranch:
 
     # -- SAM calls --------------------------------------------------------------------------
     def _autocast(self, device: torch.device):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=device.type, dtype=self.amp_dtype)
+        return autocast(device, self.amp_dtype)
 
     def _decode(self, model, emb, pe, points, mask_prompt) -> torch.Tensor:
         """One batched prompt-encoder + mask-decoder call -> low-res logits float32 (B, 1, L, L, L)."""

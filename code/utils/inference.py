@@ -20,9 +20,9 @@ from scipy import ndimage
 
 from dataloaders.la_heart import load_case
 from networks.vnet import VNet, vnet_config_from_state_dict
+from utils.io import TRAIN_STATE_FORMAT, compare_state_dict, read_checkpoint, strip_wrapper_prefixes
 from utils.metrics import calculate_metric_percase
-
-TRAIN_STATE_FORMAT = "semisam_train_state"
+from utils.runtime import autocast
 
 
 class CheckpointError(ValueError):
@@ -52,12 +52,6 @@ def _pad_widths(shape: Sequence[int], patch: Sequence[int]) -> list[tuple[int, i
         total = max(p - s, 0)
         widths.append((total // 2, total - total // 2))
     return widths
-
-
-def _autocast(device: torch.device, amp_dtype):
-    if amp_dtype is None:
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=amp_dtype)
 
 
 def _check_net_device(net: torch.nn.Module, device: torch.device) -> None:
@@ -271,7 +265,7 @@ def sliding_window_predict(net: torch.nn.Module, image, patch_size=(112, 112, 80
                 with timer("windows"):
                     batch = torch.stack([source[x:x + px, y:y + py, z:z + pz] for x, y, z in chunk]).unsqueeze(1)
                     batch = batch.contiguous(memory_format=fmt)
-                with timer("forward"), _autocast(device, autocast_dtype):
+                with timer("forward"), autocast(device, autocast_dtype):
                     logits = run(batch)
                 if logits.shape[1] != num_classes:
                     raise ValueError(f"the network outputs {logits.shape[1]} classes but num_classes={num_classes}")
@@ -339,36 +333,10 @@ def evaluate(net: torch.nn.Module, base_dir, cases: Sequence[str], *, patch_size
 
 # ---------------------------------------------------------------------------------------------- loading
 
-def _torch_load(path: Path):
-    # Official iter_N.pth and our train_state.pth hold only tensors and plain containers, so the safe
-    # loader suffices; anything else is refused rather than unpickled.
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - re-raised with the file name
-        raise CheckpointError(f"checkpoint {path} cannot be read with torch.load(weights_only=True): {err}") \
-            from None
-
-
-def _strip_wrapper_prefixes(sd: dict) -> dict:
-    """Drop the key prefixes that DataParallel/DDP ('module.') and torch.compile ('_orig_mod.') add."""
-    sd = dict(sd)
-    for prefix in ("module.", "_orig_mod."):
-        if sd and all(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix):]: v for k, v in sd.items()}
-    return sd
-
-
 def _check_fit(path: Path, net: VNet, sd: dict, config: dict) -> None:
-    expected = net.state_dict()
-    unexpected = [k for k in sd if k not in expected]
-    missing = [k for k in expected if k not in sd]
-    shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
-              for k, v in expected.items() if k in sd and tuple(sd[k].shape) != tuple(v.shape)]
-    if unexpected or missing or shapes:
-        parts = [f"{title} ({len(items)}): {items}" for title, items in
-                 (("unexpected keys", unexpected), ("missing keys", missing), ("shape mismatches", shapes))
-                 if items]
-        raise CheckpointError(f"checkpoint {path} does not fit VNet({config}): " + "; ".join(parts))
+    report = compare_state_dict(net.state_dict(), sd)
+    if report:
+        raise CheckpointError(f"checkpoint {path} does not fit VNet({config}): {report}")
 
 
 def load_specialist(path, n_filters: int | None = None, normalization: str | None = None,
@@ -385,7 +353,9 @@ def load_specialist(path, n_filters: int | None = None, normalization: str | Non
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    obj = _torch_load(path)
+    # Official iter_N.pth and our train_state.pth hold only tensors and plain containers, so the safe
+    # loader suffices; anything else is refused rather than unpickled.
+    obj = read_checkpoint(path, error=CheckpointError)
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, expected a state dict "
                               f"or a '{TRAIN_STATE_FORMAT}' file")
@@ -395,10 +365,10 @@ def load_specialist(path, n_filters: int | None = None, normalization: str | Non
                 raise CheckpointError(f"training state {path} lacks the {key!r} entry")
         if "vnet" not in obj["config"]:
             raise CheckpointError(f"training state {path}: config lacks the 'vnet' entry (VNet kwargs)")
-        sd = _strip_wrapper_prefixes(obj["student"])
+        sd = strip_wrapper_prefixes(obj["student"])
         config = dict(obj["config"]["vnet"])
     else:
-        sd = _strip_wrapper_prefixes(obj)
+        sd = strip_wrapper_prefixes(obj)
         try:
             config = vnet_config_from_state_dict(sd)
         except KeyError as err:
