@@ -22,8 +22,8 @@ This script, end to end and without downloads:
    prompted from each of them) and ``<out>/summary.json`` / ``summary.md`` (tables, settings, wall times,
    machine).
 
-The defaults below fit about 20 minutes on 2 free CPU cores (see results/demo_cpu.md); flags override them,
-``--quick`` is a tiny smoke-test setting. ``python demo.py -h`` lists the flags.
+The defaults below are sized for a short run on 2 free CPU cores (the recorded run and its wall times:
+results/demo_cpu.md); flags override them, ``--quick`` is a tiny smoke-test setting. ``python demo.py -h`` lists the flags.
 """
 from __future__ import annotations
 
@@ -184,8 +184,8 @@ def choose_threads(requested: int) -> int:
     """``requested``, or (0) the cores not busy according to the 1-minute load average, at least 1.
 
     On a shared machine, more compute threads than idle cores makes torch's spinning OpenMP threads fight the
-    other processes; measured here, a V-Net step on 2 cores with a load of 7 took 10x longer with 2 threads than
-    with 1.
+    other processes, and a step becomes many times slower than with fewer threads (results/history.md,
+    "Numbers moved out of code comments").
     """
     if requested > 0:
         return requested

@@ -13,9 +13,9 @@ Differences from the official ``dataloaders/la_heart.py`` (UA-MT), all deliberat
   global numpy state, and the sampler hands every sample its own ``aug_seed``: a batch is a pure function of
   (seed, rank, iteration), whatever the number of DataLoader workers.
 - Unlabeled scans (``withhold_labels``) never have their ``label`` dataset read, so no code path downstream can
-  leak ground truth of unlabeled scans into training (the official SemiSAM script did, see DESIGN.md 3.1).
+  leak ground truth of unlabeled scans into training (the official SemiSAM script did: docs/design.md, defect 1).
 - Both sampler streams are eternal, so any labeled count >= 1 works, and the unlabeled range is the rest of
-  the list instead of a hard-coded 80 (DESIGN.md 3.9).
+  the list instead of a hard-coded 80 (docs/design.md, defect 9).
 - Bad files raise :class:`LADataError` naming the case, the file and what was expected.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The method as small parts chosen by name (nnU-Net-style variants, segment-anything-style registries).
 
-A step's loss is ``L = L_sup + w_c(t) * L_ssl + w_s(t) * L_sam`` (DESIGN.md section 1); each term is one part:
+A step's loss is ``L = L_sup + w_c(t) * L_ssl + w_s(t) * L_sam`` (docs/design.md, section 1); each term is one part:
 
 - ``SUPERVISED_LOSSES``: 'ce_dice' (UA-MT: ``0.5 * (CE + Dice)`` on the labeled patches).
 - ``SPECIALISTS`` (specialist consistency, needs the EMA teacher):
@@ -13,11 +13,11 @@ A step's loss is ``L = L_sup + w_c(t) * L_ssl + w_s(t) * L_sam`` (DESIGN.md sect
   Weight ``w_c(t) = consistency * sigmoid_rampup(t // 150, consistency_rampup)``.
 - ``GENERALIST_TERMS`` (pseudo-labels of the frozen SAM-Med3D generalist on the unlabeled patches):
     'none', 'semisam' - ``mean((p_fg - m)^2)``, 'semisam_plus' - ``sum(w (p_fg - m)^2) / (sum(w) + 1e-8)``
-    with the generalist's per-voxel confidence ``w`` (gradient kept, unlike the official code: defect 5).
+    with the generalist's per-voxel confidence ``w`` (gradient kept, unlike the official code: docs/design.md, defect 5).
   Weight ramped *down*: ``w_s(t) = sam_weight * sigmoid_rampup((T_max - t) // 150, sam_rampdown)``.
 
 The generalist is prompted from the *student's* detached foreground probability on the unlabeled patches
-(DESIGN.md: ``prompts(p_u.detach())``); no label of an unlabeled scan is ever available to it.
+(docs/design.md: ``prompts(p_u.detach())``); no label of an unlabeled scan is ever available to it.
 Unlike the official SemiSAM script, no unused teacher passes are computed (defect 8): the T stochastic passes
 run only for 'uamt'.
 

@@ -1,6 +1,6 @@
 """The train_state.pth format: RNG capture/restore, reading and checking a state to resume from.
 
-``train_state.pth`` (format in /work/notes/interfaces.md)::
+``train_state.pth`` (also in docs/design.md, section 4)::
 
     {'format': 'semisam_train_state', 'version': 1, 'iteration': int (completed steps),
      'student': state_dict, 'teacher': state_dict | None (no teacher without a specialist consistency),

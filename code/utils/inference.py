@@ -128,9 +128,11 @@ def fuse_conv_relu(net: torch.nn.Module) -> torch.nn.Module:
     """In place: in every ``Sequential``, a Conv3d / ConvTranspose3d followed by a ReLU (with an Identity left
     by :func:`fold_batchnorm` in between, or not) becomes one :class:`_ConvReLU`; the ReLU slot becomes an
     Identity. The same outputs up to float rounding: oneDNN may choose another kernel for the fused op (on the
-    project's CPU bit-identical for 112x112x80 windows, 1-2 ulp apart at 32x32x16; tested to 1e-6). A V-Net
-    forward of 4 windows 112x112x80 was 1-3 % (fp32) and 5-6 % (bf16) faster. For eval-mode copies used
-    without autocast (the fused ops do not autocast: convert the copy to the wanted dtype instead).
+    project's CPU bit-identical for 112x112x80 windows, 1-2 ulp apart at 32x32x16; tested to 1e-6). It makes
+    CPU inference faster (results/history.md, "Third CPU pass", "Where the misses stand", and "Numbers moved
+    out of code comments"). For
+    eval-mode copies used without autocast (the fused ops do not autocast: convert the copy to the wanted
+    dtype instead).
     Returns ``net``."""
     for seq in net.modules():
         if not isinstance(seq, torch.nn.Sequential):
@@ -145,9 +147,9 @@ def fuse_conv_relu(net: torch.nn.Module) -> torch.nn.Module:
     return net
 
 
-# devices where channels_last_3d made the V-Net faster, measured by our benchmarks: CPU (oneDNN; a mean-teacher
-# step 1.3x, inference of an LA volume 1.32x fp32 / 1.40x bf16) and CUDA (H100 with cuDNN: a mean-teacher step
-# at 128^3 1.8x in fp32, 2.0x in bf16; its no-grad teacher forward 1.7x), results/README.md
+# devices where channels_last_3d made the V-Net faster, training steps and inference alike, measured by our
+# benchmarks: CPU (oneDNN; results/history.md, "Second pass", item 1, and results/README.md, "Fourth CPU
+# pass") and CUDA (an H100 with cuDNN; results/history.md, "First GPU pass", item 1)
 CHANNELS_LAST_DEVICES = ("cpu", "cuda")
 
 
@@ -173,8 +175,8 @@ def _memory_format(net: torch.nn.Module, channels_last: bool):
     The layout is judged by the strides, not ``is_contiguous(memory_format=...)``: a weight with one input
     channel (the V-Net's first conv, (F, 1, 3, 3, 3)) passes that test for both layouts, and a loaded checkpoint
     leaves it with contiguous strides. With such a weight and a one-channel input (which passes it too),
-    oneDNN ran the whole V-Net forward slower on this project's CPU: 4 windows 112x112x80 0.82 vs 0.77 s fp32,
-    0.46 vs 0.39 s bf16 (results/README.md)."""
+    oneDNN ran the whole V-Net forward slower on this project's CPU (results/README.md, "Fourth CPU pass",
+    item 1)."""
     fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
     weights = [p for p in net.parameters() if p.dim() == 5]
     restore = {p: p.stride() for p in weights if p.stride() != canonical_strides(p.shape, fmt)}
@@ -210,8 +212,9 @@ def sliding_window_predict(net: torch.nn.Module, image, patch_size=(112, 112, 80
             layout is restored afterwards); None = ``channels_last_default(device)`` (on for CPU and
             CUDA, where it was measured faster).
         fold_bn: run a copy of the net with its eval-mode BatchNorm folded into the convolutions
-            (``fold_batchnorm``: same scores up to rounding, ~10 % faster) and, on CPU, each conv + ReLU as
-            one oneDNN call (``fuse_conv_relu``: same scores up to rounding, another 6-7 %).
+            (``fold_batchnorm``: same scores up to rounding, one pass over each activation fewer) and, on CPU,
+            each conv + ReLU as one oneDNN call (``fuse_conv_relu``: same scores up to rounding); both faster,
+            measured in results/history.md ("Second pass", "Inference"; "Third CPU pass").
         timer: optional ``timer(name)`` context-manager factory (e.g. ``training.timing.SectionTimer``) that
             gets the parts of the call: 'prepare' (the folded copy and its layout), 'windows' (cutting and
             stacking), 'forward' (the network calls), 'accumulate' (softmax and window sums), 'finish'
@@ -280,7 +283,8 @@ def sliding_window_predict(net: torch.nn.Module, image, patch_size=(112, 112, 80
 
     with timer("finish"):
         score /= count
-        # max(dim).indices: the same first-maximum index as argmax, ~15x faster over a leading dim of 2 on CPU
+        # max(dim).indices: the same first-maximum index as argmax, much faster over a short leading dim on CPU
+        # (results/history.md, "Third CPU pass", item 2 of what changed)
         label = score.max(dim=0).indices.to(torch.uint8)
         crop = tuple(slice(lo, lo + s) for (lo, _), s in zip(pads, image.shape))
         return label[crop].cpu().numpy(), score[(slice(None),) + crop].cpu().numpy()

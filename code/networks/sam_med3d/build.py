@@ -1,6 +1,6 @@
 """Builders for SAM-Med3D models: a name registry and a plain-dict config format.
 
-The config format is the golden fixtures' ``config`` (fixtures README 2), JSON-serialisable::
+The config format is the golden fixtures' ``config`` entry (``sam3d_golden_*.pt['config']``), JSON-serialisable::
 
     {"name": "vit_b_ori",                      # optional, used in messages
      "image_encoder": {ImageEncoderViT3D kwargs; norm_layer {"type": "LayerNorm", "eps": 1e-6},
