@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dataloaders.layout import H5_NAME, TRAINING_FOLDER
 from utils.report import markdown_table, text_table
 from utils.runtime import loadavg, machine_info, resolve_device
 
@@ -94,7 +95,6 @@ QUICK = dict(DEFAULTS, phantom_size=(48, 48, 32), phantom_train=4, phantom_test=
              pretrain_clicks=2, stride_xy=16, stride_z=16, figure_cases=1, figure_slices=2, sam_check_cases=2)
 PHANTOM_DIR = {False: "phantoms", True: "phantoms_quick"}           # kept apart so --quick never
 DEMO_GENERALIST = {False: "demo_generalist.pth", True: "demo_generalist_quick.pth"}  # clobbers the real cache
-LA_FOLDER = "2018LA_Seg_Training Set"
 LA_SPACING = (0.625, 0.625, 0.625)
 METHODS = (("MT", "mt"), ("SemiSAM", "semisam_mt"))   # (label, experiment folder under <out>)
 METRICS = (("dice", "Dice", "%"), ("jaccard", "Jaccard", "%"), ("hd95", "HD95", None), ("asd", "ASD", None))
@@ -208,7 +208,7 @@ def prepare_data(args, s: dict) -> dict:
     test_list, action, spacing, seconds)."""
     start = time.perf_counter()
     data_root = Path(args.data_root)
-    la = data_root / LA_FOLDER
+    la = data_root / TRAINING_FOLDER
     has_la = la.is_dir() and (data_root / "train.list").is_file() and (data_root / "test.list").is_file()
     if args.data == "la" and not has_la:
         raise DemoError(f"--data la: expected {la}/ with {data_root / 'train.list'} and "
@@ -219,7 +219,7 @@ def prepare_data(args, s: dict) -> dict:
                     test_list=str(data_root / "test.list"), action="found", spacing=list(LA_SPACING),
                     seconds=time.perf_counter() - start)
 
-    from dataloaders.phantoms import H5_NAME, TRAINING_FOLDER, case_name, write_phantom_dataset
+    from dataloaders.phantoms import case_name, write_phantom_dataset
     out = data_root / PHANTOM_DIR[args.quick]
     manifest_path = out / "demo_phantoms.json"
     manifest = _phantom_manifest(s)

@@ -12,7 +12,8 @@ import argparse
 import sys
 import time
 
-from dataloaders.phantoms import DEFAULT_SIZE, TRAINING_FOLDER, PhantomError, write_phantom_dataset
+from dataloaders.layout import TRAINING_FOLDER
+from dataloaders.phantoms import DEFAULT_SIZE, PhantomError, write_phantom_dataset
 
 OUT = "../data/phantoms"
 N_TRAIN = 80

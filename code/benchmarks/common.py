@@ -28,9 +28,9 @@ if str(CODE_DIR) not in sys.path:
 
 import torch  # noqa: E402  (after the sys.path fix, like every project import below)
 
+from dataloaders.layout import TRAINING_FOLDER  # noqa: E402
 from utils.io import atomic_save  # noqa: E402
 
-TRAINING_FOLDER = "2018LA_Seg_Training Set"   # UA-MT layout: <root>/<TRAINING_FOLDER>/<case>/mri_norm2.h5
 LA_ENV = "LA_DATA_ROOT"
 
 

@@ -1,6 +1,6 @@
 """Left-atrium (LA) dataset, UA-MT transforms and a deterministic two-stream batch sampler.
 
-Data layout (UA-MT's ``data/``)::
+Data layout (UA-MT's ``data/``; the names are ``dataloaders.layout``'s)::
 
     <root>/2018LA_Seg_Training Set/<case>/mri_norm2.h5   # image float32 (X,Y,Z), label uint8 {0,1} (X,Y,Z)
     <root>/train.list, <root>/test.list                  # case names, one per line
@@ -31,11 +31,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-DEFAULT_ROOT = "../data/2018LA_Seg_Training Set"
-H5_NAME = "mri_norm2.h5"
+from dataloaders.layout import DEFAULT_ROOT, H5_NAME
 
 __all__ = [
-    "LADataError", "DEFAULT_ROOT", "H5_NAME", "read_list", "list_path", "load_case", "check_case_header",
+    "LADataError", "read_list", "list_path", "load_case", "check_case_header",
     "split_labeled", "LAHeart", "RandomRotFlip", "RandomCrop", "CenterCrop", "ToTensor", "Compose",
     "TwoStreamBatchSampler",
 ]

@@ -15,6 +15,7 @@ import torch
 
 from benchmarks import bench_clicks, bench_encoder, bench_inference, bench_step, gpu_smoke
 from benchmarks import common as C
+from dataloaders.layout import TRAINING_FOLDER
 from utils.metrics import binary_dice
 from utils.report import markdown_table
 
@@ -190,7 +191,7 @@ def test_step_rounds_pool_steps_and_ratios_need_comparable_settings(la_root):
 
 def test_enough_cases_for_every_method_script(tmp_path):
     # the GPU pass once carried a 12-case subset: MT and UA-MT label 16, so every step stage failed
-    case_dir = tmp_path / C.TRAINING_FOLDER
+    case_dir = tmp_path / TRAINING_FOLDER
     case_dir.mkdir()
     (tmp_path / "test.list").write_text("t0\n")
     (tmp_path / "train.list").write_text("".join(f"c{i}\n" for i in range(12)))

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import pretrain_generalist
-from dataloaders.phantoms import TRAINING_FOLDER, write_phantom_dataset
+from dataloaders.layout import TRAINING_FOLDER
+from dataloaders.phantoms import write_phantom_dataset
 from dataloaders.shape_corpus import (OBJECT_KINDS, ShapeCorpus, ShapeCorpusError, corpus_rng, sample,
                                       sample_scene)
 from networks.sam_med3d import build_sam3d_from_config, clear_generalist_cache, load_generalist

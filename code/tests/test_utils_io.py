@@ -2,7 +2,10 @@
 import argparse
 import logging
 import os
+import subprocess
+import sys
 from collections import OrderedDict
+from pathlib import Path
 
 import pytest
 import torch
@@ -64,9 +67,28 @@ def test_a_writer_dying_mid_write_leaves_the_old_file_intact(tmp_path, monkeypat
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pth"]
 
 
-def test_atomic_write_writes_any_bytes(tmp_path):
-    path = io.atomic_write(tmp_path / "config.json", lambda f: f.write(b'{"a": 1}\n'))
+def test_atomic_write_hands_the_writer_a_temporary_path(tmp_path):
+    seen = []
+
+    def write(tmp):
+        seen.append(tmp)
+        tmp.write_text('{"a": 1}\n')
+    path = io.atomic_write(tmp_path / "config.json", write)
     assert path.read_text() == '{"a": 1}\n'
+    assert seen[0].parent == tmp_path and seen[0].name.startswith(".config.json.tmp") and not seen[0].exists()
+
+    def dies(tmp):
+        tmp.write_text("half")
+        raise OSError("killed")
+    with pytest.raises(OSError, match="killed"):
+        io.atomic_write(path, dies)
+    assert path.read_text() == '{"a": 1}\n' and [p.name for p in tmp_path.iterdir()] == ["config.json"]
+
+
+def test_utils_io_does_not_load_torch_for_data_writers():
+    # the h5 writers (phantoms, raw-data conversion) use atomic_write without paying for a torch import
+    code = "import sys, utils.io; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], cwd=Path(io.__file__).resolve().parents[1], check=True)
 
 
 def test_read_checkpoint_reads_tensors_and_refuses_or_warns_on_pickles(tmp_path, caplog):

@@ -350,7 +350,7 @@ def save_checkpoint(path, model, optimizer, iteration: int, config: dict, cfg: P
              "iteration": int(iteration), "epoch": int(iteration), "config": config,
              "train_args": dataclasses.asdict(cfg), "losses": [float(x) for x in losses]}
     atomic_save(state, path)
-    atomic_write(config_json_path(path), lambda f: f.write((json.dumps(config, indent=2) + "\n").encode()))
+    atomic_write(config_json_path(path), lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
     return path
 
 

@@ -2,7 +2,9 @@
 
 Every model file of the project goes through here: the V-Net's ``iter_N.pth`` / ``best_model.pth`` /
 ``train_state.pth`` (``training.engine``, read back by ``utils.inference.load_specialist``) and the SAM-Med3D
-generalists (written by ``training.pretrain``, read by ``networks.sam_med3d.checkpoint``).
+generalists (written by ``training.pretrain``, read by ``networks.sam_med3d.checkpoint``); the data writers
+(``dataloaders.phantoms``, ``dataloaders.la_heart_processing``) use :func:`atomic_write` for their h5 files.
+torch is imported only where a function needs it, so those writers do not load it.
 """
 from __future__ import annotations
 
@@ -12,9 +14,10 @@ import pickle
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["TRAIN_STATE_FORMAT", "WRAPPER_PREFIXES", "CheckpointReadError", "KeyReport", "atomic_save", "atomic_write",
            "compare_state_dict", "read_checkpoint", "strip_wrapper_prefixes"]
@@ -36,23 +39,24 @@ class CheckpointReadError(ValueError):
 # ----------------------------------------------------------------------------------------------- writing
 def _serialize(obj: Any, fileobj) -> None:
     """The serializer behind :func:`atomic_save` (a module attribute so a test can make it fail mid-write)."""
+    import torch
     torch.save(obj, fileobj)
 
 
-def atomic_write(path: os.PathLike, write: Callable[[Any], None]) -> Path:
-    """Call ``write(binary file object)`` so that a crash leaves either the old or the new ``path``, never half.
+def atomic_write(path: os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp_path)`` so that a crash leaves either the old or the new ``path``, never half of one.
 
-    The bytes go to a temporary file in the same folder, are flushed and fsync'ed, then ``os.replace``d onto
-    ``path`` (atomic on POSIX within one file system); the folder is fsync'ed so the rename itself survives a
-    power loss. A writer that raises leaves ``path`` untouched and no temporary file behind.
+    ``write`` creates the file it is given (a temporary name in the same folder; any writer that takes a path,
+    e.g. ``h5py.File(tmp_path, 'w')``). Its bytes are then fsync'ed and the file ``os.replace``d onto ``path``
+    (atomic on POSIX within one file system); the folder is fsync'ed so the rename itself survives a power
+    loss. A writer that raises leaves ``path`` untouched and no temporary file behind.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
+        write(tmp)
+        with open(tmp, "rb+") as f:      # fsync needs a descriptor of the file itself
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -78,7 +82,11 @@ def _fsync_folder(folder: Path) -> None:
 def atomic_save(obj: Any, path: os.PathLike, serializer: Optional[Callable[[Any, Any], None]] = None) -> Path:
     """``torch.save(obj, path)`` through :func:`atomic_write` (``serializer(obj, fileobj)`` replaces torch.save)."""
     write = serializer or _serialize
-    return atomic_write(path, lambda f: write(obj, f))
+
+    def to_file(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            write(obj, f)
+    return atomic_write(path, to_file)
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -92,6 +100,7 @@ def read_checkpoint(path: os.PathLike, *, allow_pickle: bool = False, what: str 
     user named); without, ``error`` is raised (``refusal_hint`` appended to its message). An unreadable file
     raises ``error`` too; ``what`` names the kind of file in messages.
     """
+    import torch
     path = Path(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -156,6 +165,8 @@ def compare_state_dict(expected: Mapping[str, torch.Tensor], state: Mapping[str,
     ``expected``: the model's ``state_dict()``; ``state``: the checkpoint's (prefixes already stripped).
     Names keep the model's order (missing, wrong shapes) or the checkpoint's (unexpected, non-tensor).
     """
+    import torch
+
     def shape(t) -> list:
         return list(t.shape)
     return KeyReport(
