@@ -130,10 +130,8 @@ def fuse_conv_relu(net: torch.nn.Module) -> torch.nn.Module:
     Identity. The same outputs up to float rounding: oneDNN may choose another kernel for the fused op (on the
     project's CPU bit-identical for 112x112x80 windows, 1-2 ulp apart at 32x32x16; tested to 1e-6). It makes
     CPU inference faster (results/history.md, "Third CPU pass", "Where the misses stand", and "Numbers moved
-    out of code comments"). For
-    eval-mode copies used without autocast (the fused ops do not autocast: convert the copy to the wanted
-    dtype instead).
-    Returns ``net``."""
+    out of code comments"). For eval-mode copies used without autocast (the fused ops do not autocast:
+    convert the copy to the wanted dtype instead). Returns ``net``."""
     for seq in net.modules():
         if not isinstance(seq, torch.nn.Sequential):
             continue

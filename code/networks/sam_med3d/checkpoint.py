@@ -20,7 +20,6 @@ constructs models and knows no files, so the two modules do not import each othe
 from __future__ import annotations
 
 import json
-import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -32,8 +31,6 @@ from utils.io import compare_state_dict, read_checkpoint, strip_wrapper_prefixes
 
 from .build import build_sam3d_from_config, config_label, registry_names, sam3d_config
 from .sam3d import Sam3D
-
-logger = logging.getLogger(__name__)
 
 # The repository's ckpt/ folder (code/networks/sam_med3d/checkpoint.py -> <repo>/ckpt).
 CKPT_DIR = Path(__file__).resolve().parents[3] / "ckpt"
