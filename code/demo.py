@@ -22,8 +22,8 @@ This script, end to end and without downloads:
    prompted from each of them) and ``<out>/summary.json`` / ``summary.md`` (tables, settings, wall times,
    machine).
 
-The defaults below fit about 20 minutes on 2 free CPU cores (see results/demo_cpu.md); flags override them,
-``--quick`` is a tiny smoke-test setting. ``python demo.py -h`` lists the flags.
+The defaults below are sized for a short run on 2 free CPU cores (the recorded run and its wall times:
+results/demo_cpu.md); flags override them, ``--quick`` is a tiny smoke-test setting. ``python demo.py -h`` lists the flags.
 """
 from __future__ import annotations
 
@@ -32,13 +32,16 @@ import json
 import logging
 import math
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from dataloaders.layout import H5_NAME, TRAINING_FOLDER
+from utils.report import markdown_table, text_table
+from utils.runtime import loadavg, machine_info, resolve_device
 
 # ----------------------------------------------------------------------------------------- settings
 DATA_ROOT = "../data"            # real LA: <DATA_ROOT>/2018LA_Seg_Training Set + train.list + test.list
@@ -92,7 +95,6 @@ QUICK = dict(DEFAULTS, phantom_size=(48, 48, 32), phantom_train=4, phantom_test=
              pretrain_clicks=2, stride_xy=16, stride_z=16, figure_cases=1, figure_slices=2, sam_check_cases=2)
 PHANTOM_DIR = {False: "phantoms", True: "phantoms_quick"}           # kept apart so --quick never
 DEMO_GENERALIST = {False: "demo_generalist.pth", True: "demo_generalist_quick.pth"}  # clobbers the real cache
-LA_FOLDER = "2018LA_Seg_Training Set"
 LA_SPACING = (0.625, 0.625, 0.625)
 METHODS = (("MT", "mt"), ("SemiSAM", "semisam_mt"))   # (label, experiment folder under <out>)
 METRICS = (("dice", "Dice", "%"), ("jaccard", "Jaccard", "%"), ("hd95", "HD95", None), ("asd", "ASD", None))
@@ -178,24 +180,12 @@ def settings_from(args: argparse.Namespace) -> dict:
     return s
 
 
-def resolve_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise DemoError(f"--device {name!r} is not a torch device (auto, cpu, cuda, cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise DemoError(f"--device {name}: torch sees no CUDA device")
-    return str(device)
-
-
 def choose_threads(requested: int) -> int:
     """``requested``, or (0) the cores not busy according to the 1-minute load average, at least 1.
 
     On a shared machine, more compute threads than idle cores makes torch's spinning OpenMP threads fight the
-    other processes; measured here, a V-Net step on 2 cores with a load of 7 took 10x longer with 2 threads than
-    with 1.
+    other processes, and a step becomes many times slower than with fewer threads (results/history.md,
+    "Numbers moved out of code comments").
     """
     if requested > 0:
         return requested
@@ -218,7 +208,7 @@ def prepare_data(args, s: dict) -> dict:
     test_list, action, spacing, seconds)."""
     start = time.perf_counter()
     data_root = Path(args.data_root)
-    la = data_root / LA_FOLDER
+    la = data_root / TRAINING_FOLDER
     has_la = la.is_dir() and (data_root / "train.list").is_file() and (data_root / "test.list").is_file()
     if args.data == "la" and not has_la:
         raise DemoError(f"--data la: expected {la}/ with {data_root / 'train.list'} and "
@@ -229,7 +219,7 @@ def prepare_data(args, s: dict) -> dict:
                     test_list=str(data_root / "test.list"), action="found", spacing=list(LA_SPACING),
                     seconds=time.perf_counter() - start)
 
-    from dataloaders.phantoms import H5_NAME, TRAINING_FOLDER, case_name, write_phantom_dataset
+    from dataloaders.phantoms import case_name, write_phantom_dataset
     out = data_root / PHANTOM_DIR[args.quick]
     manifest_path = out / "demo_phantoms.json"
     manifest = _phantom_manifest(s)
@@ -427,14 +417,6 @@ def side_by_side(results: dict, unit: str) -> list[list[str]]:
     return rows
 
 
-def format_rows(rows: list[list[str]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-             for r in rows]
-    lines.insert(1, "-" * len(lines[0]))
-    return "\n".join(lines)
-
-
 def compare(mt: dict, semisam: dict) -> dict:
     """Paired comparison of the two methods' per-case Dice on the same test cases, in words and numbers."""
     a = {r["case"]: r["dice"] for r in mt["cases"]}
@@ -517,8 +499,9 @@ def generalist_stage(results: dict, generalist: dict, s: dict, data: dict, path:
     Returns dict(path, sam_panels, check).
     """
     from networks.sam_med3d import load_generalist
-    from utils.figures import FigureCase, FigurePanel, dice, save_segmentation_figure
+    from utils.figures import FigureCase, FigurePanel, save_segmentation_figure
     from utils.generalist import GeneralistBranch
+    from utils.metrics import binary_dice
     model = load_generalist(generalist["path"], arch=generalist["arch"], device=device)
     branch = GeneralistBranch([model], prompt="point", num_clicks=s["num_clicks"], geometry="pad",
                               generator=torch.Generator().manual_seed(s["seed"]))
@@ -526,11 +509,11 @@ def generalist_stage(results: dict, generalist: dict, s: dict, data: dict, path:
     figure_cases, notes = [], []
     for i, case in enumerate(cases):
         image, gt, preds = _case_arrays(results, case)
-        panels = [FigurePanel(f"{label}  Dice {dice(p, gt):.2f}", p) for label, p in preds.items()]
+        panels = [FigurePanel(f"{label}  Dice {binary_dice(p, gt):.2f}", p) for label, p in preds.items()]
         for label, pred in preds.items():
             sam, box = sam_pseudo_label(branch, image, pred, s["patch_size"], device)
             sl = tuple(slice(a, b) for a, b in box)
-            d_sam, d_pred = dice(sam[sl], gt[sl]), dice(pred[sl], gt[sl])
+            d_sam, d_pred = binary_dice(sam[sl], gt[sl]), binary_dice(pred[sl], gt[sl])
             panels.append(FigurePanel(f"SAM \u2190 {label} clicks\ncrop Dice {d_sam:.2f} ({label} {d_pred:.2f})",
                                       sam, box))
             notes.append(dict(case=case, prompted_by=label, crop=[list(b) for b in box], sam_dice_in_crop=d_sam,
@@ -565,34 +548,9 @@ def sam_check(notes: list[dict]) -> dict:
 
 
 # ----------------------------------------------------------------------------------------- 6. summary
-def machine_info(device: str, threads: int) -> dict:
-    model = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = dict(platform=platform.platform(), python=platform.python_version(), cpu=model,
-                cpu_count=os.cpu_count(),
-                usable_cores=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-                torch=torch.__version__, torch_threads=threads, device=device)
-    if device.startswith("cuda"):
-        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
-    return info
-
-
-def _loadavg():
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
-
-
-def _md_table(rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
-    return "\n".join(lines + ["| " + " | ".join(map(str, row)) + " |" for row in rows[1:]])
+def _markdown(rows: list[list[str]]) -> str:
+    """``rows[0]`` is the header."""
+    return markdown_table(rows[0], rows[1:])
 
 
 def write_markdown(path: Path, summary: dict) -> None:
@@ -618,13 +576,13 @@ Data: **{d['kind']}** ({d['action']}; `{d['root_path']}`). Generalist: {gen}.
 Metrics: test_LA.py on {summary['n_test_cases']} test cases, last checkpoint, largest-connected-component
 post-processing; mean ± std (population) over cases; distances in **{unit}**.
 
-{_md_table(summary['table'])}
+{_markdown(summary['table'])}
 
 **{summary['comparison']['statement']}**
 
 {summary['figure']['check']['statement']}
 
-{_md_table(per_case)}
+{_markdown(per_case)}
 
 Figure: `{Path(summary['figure']['path']).name}` (image, ground truth, MT, SemiSAM, and SAM's pseudo-label when
 prompted with clicks from each prediction).
@@ -633,11 +591,11 @@ prompted with clicks from each prediction).
 
 The training schedule is the official one compressed to `iterations` (`lr_step`, `rampup_block`).
 
-{_md_table(settings)}
+{_markdown(settings)}
 
 ## Wall times
 
-{_md_table(times)}
+{_markdown(times)}
 
 ## Machine
 
@@ -659,7 +617,7 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     args = parse_args(argv)
     s = settings_from(args)
-    device = resolve_device(args.device)
+    device = str(resolve_device(args.device))
     threads = choose_threads(args.threads)
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -672,7 +630,7 @@ def main(argv=None) -> dict:
 def run_demo(args, s: dict, device: str, threads: int, t0: float) -> dict:
     """The stages of :func:`main` with parsed arguments, settings ``s``, the device and thread count."""
     progress = not args.no_progress and sys.stderr.isatty()
-    loadavg_start = _loadavg()
+    loadavg_start = loadavg()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     say(ABOUT)
@@ -690,7 +648,8 @@ def run_demo(args, s: dict, device: str, threads: int, t0: float) -> dict:
         results[label] = evaluate_method(label, runs[label], s, data, out / exp / "prediction", device)
     unit = results["MT"]["distance_unit"]
     comparison = compare(results["MT"], results["SemiSAM"])
-    print("\n" + format_rows(side_by_side(results, unit)), flush=True)
+    rows = side_by_side(results, unit)
+    print("\n" + text_table(rows[0], rows[1:]), flush=True)
     print(f"\n{comparison['statement']}\n", flush=True)
 
     t_fig = time.perf_counter()
@@ -711,7 +670,7 @@ def run_demo(args, s: dict, device: str, threads: int, t0: float) -> dict:
                  for label, _ in METHODS},
         training={label: runs[label] for label, _ in METHODS}, comparison=comparison,
         table=side_by_side(results, unit), figure=figure, wall_seconds=wall,
-        machine=machine_info(device, threads), loadavg_start=loadavg_start, loadavg_end=_loadavg())
+        machine=machine_info(device), loadavg_start=loadavg_start, loadavg_end=loadavg())
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     write_markdown(out / "summary.md", summary)
     say(f"summary: {out / 'summary.json'} and {out / 'summary.md'}; total {wall['total'] / 60:.1f} min")

@@ -12,7 +12,8 @@ import argparse
 import sys
 import time
 
-from dataloaders.phantoms import DEFAULT_SIZE, TRAINING_FOLDER, write_phantom_dataset
+from dataloaders.layout import TRAINING_FOLDER
+from dataloaders.phantoms import DEFAULT_SIZE, write_phantom_dataset
 from utils.errors import run_entry
 
 OUT = "../data/phantoms"

@@ -36,6 +36,9 @@ from benchmarks import common as C  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from utils.report import markdown_table  # noqa: E402
+from utils.runtime import machine_info, resolve_device  # noqa: E402
+
 
 def label_masks(case_dir: Path, batch: int, patch: Sequence[int]) -> torch.Tensor:
     """(batch, *patch) bool: centre crops (zero-padded where the case is smaller) of the first training
@@ -92,7 +95,7 @@ def report(payload: dict) -> str:
     head = (f"simulated clicks, batch {payload['batch']} x {'x'.join(map(str, payload['patch']))}, "
             f"{payload['warmup']} warm-up + {payload['steps']} timed calls each (interleaved), "
             f"{payload['machine']['torch_threads']} threads, tensors on {payload['device']}")
-    return head + "\n" + C.markdown_table(["mask / click", "fg fraction", "wall median [min, max]", "CPU time"],
+    return head + "\n" + markdown_table(["mask / click", "fg fraction", "wall median [min, max]", "CPU time"],
                                           rows)
 
 
@@ -117,7 +120,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = build_parser().parse_args(argv)
     C.check_counts(args.steps, args.warmup, args.batch)
     C.setup_runtime(args.threads, tune_malloc=False)
-    device = C.resolve_device(args.device)
+    device = resolve_device(args.device)
     masks = {}
     data = "random masks only"
     if not args.synthetic:
@@ -127,7 +130,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     masks.update(synthetic_masks(args.batch, args.patch, args.seed, args.noise))
     payload = {"benchmark": "simulated_clicks", "batch": args.batch, "patch": list(args.patch), "data": data,
                "steps": args.steps, "warmup": args.warmup, "device": str(device),
-               "machine": C.machine_info(device)}
+               "machine": machine_info(device)}
     payload["clicks"] = bench_clicks(masks, device, args.warmup, args.steps, args.seed)
     print(report(payload))
     C.write_json(args.json, payload)

@@ -40,6 +40,10 @@ from benchmarks import common as C  # noqa: E402
 
 import torch  # noqa: E402
 
+from utils.metrics import binary_dice  # noqa: E402
+from utils.report import markdown_table  # noqa: E402
+from utils.runtime import autocast, loadavg, machine_info, resolve_device  # noqa: E402
+
 IMPLS = ("fast", "reference")
 
 
@@ -67,7 +71,7 @@ def bench_encoder(model, batch: int, precisions: Sequence[str], impls: Sequence[
     def make_call(prec: str, impl: str):
         def call():
             set_attention_impl(encoder, impl)
-            with torch.inference_mode(), C.autocast(device, C.amp_dtype(prec)):
+            with torch.inference_mode(), autocast(device, C.amp_dtype(prec)):
                 return encoder(x).float()
         return call
 
@@ -141,7 +145,7 @@ def bench_branch(model, images: torch.Tensor, prob: torch.Tensor, precisions: Se
         m32, m16 = outputs["fp32"][0].cpu(), outputs["bf16"][0].cpu()
         result.update(speedup_bf16_vs_fp32=_speedup(runs, "fp32", "bf16"),
                       voxel_agreement_bf16_vs_fp32=float((m32 == m16).float().mean()),
-                      dice_bf16_vs_fp32=C.dice(m32, m16))
+                      dice_bf16_vs_fp32=binary_dice(m32, m16))
     return result
 
 
@@ -166,7 +170,7 @@ def report(payload: dict) -> str:
             row.append(f"{C.fmt_ratio(speed['speedup_bf16_vs_fp32']['wall'])} "
                        f"({C.fmt_ratio(speed['speedup_bf16_vs_fp32']['cpu'])})" if speed and prec == "bf16" else "")
             rows.append(row)
-    lines.append(C.markdown_table(["encoder", "wall median [min, max]", "CPU time", "fast vs reference",
+    lines.append(markdown_table(["encoder", "wall median [min, max]", "CPU time", "fast vs reference",
                                    "max abs diff fast-ref", "bf16 vs fp32"], rows))
     br = payload.get("branch")
     if br:
@@ -180,7 +184,7 @@ def report(payload: dict) -> str:
                             "generalist.encoder", "generalist.prompt_encoder", "generalist.decoder",
                             "generalist.first_click", "generalist.clicks")]
                         + [C.fmt_seconds(other), f"{run['foreground_fraction']:.3f}"])
-        lines.append(C.markdown_table(["branch", "wall median [min, max]", "CPU time", "encoder (mean)",
+        lines.append(markdown_table(["branch", "wall median [min, max]", "CPU time", "encoder (mean)",
                                        "prompt enc.", "decoder", "first click", "later clicks", "rest",
                                        "fg fraction"], rows))
         if "speedup_bf16_vs_fp32" in br:
@@ -219,12 +223,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = build_parser().parse_args(argv)
     C.check_counts(args.steps, args.warmup, args.batch)
     C.setup_runtime(args.threads, bool(args.tune_malloc))
-    device = C.resolve_device(args.device)
+    device = resolve_device(args.device)
     model = C.random_sam(args.arch, args.seed).to(device)
     impls = ("fast",) if args.skip_reference else IMPLS
     payload = {"benchmark": "sam_image_encoder", "arch": args.arch, "weights": "random (seed %d)" % args.seed,
                "batch": args.batch, "steps": args.steps, "warmup": args.warmup, "device": str(device),
-               "impls": list(impls), "machine": C.machine_info(device)}
+               "impls": list(impls), "machine": machine_info(device)}
     payload["encoder"] = bench_encoder(model, args.batch, args.precisions, impls, device, args.warmup, args.steps,
                                        args.seed)
     if args.branch:
@@ -236,7 +240,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                                       f"{data_desc}, prompted from the ground-truth label")
         payload["branch"] = bench_branch(model, images, labels, args.precisions, args.prompt, args.num_clicks,
                                          device, args.warmup, args.steps, args.seed)
-    payload["loadavg_after"] = C.loadavg()
+    payload["loadavg_after"] = loadavg()
     print(report(payload))
     C.write_json(args.json, payload)
     return payload

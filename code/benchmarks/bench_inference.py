@@ -36,6 +36,10 @@ from utils.bf16 import bf16_supported  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from utils.metrics import binary_dice  # noqa: E402
+from utils.report import markdown_table  # noqa: E402
+from utils.runtime import autocast, loadavg, machine_info, resolve_device  # noqa: E402
+
 
 # the parts of utils.inference.sliding_window_predict its timer sees, in call order
 PARTS = ("prepare", "windows", "forward", "accumulate", "finish")
@@ -107,7 +111,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if args.repeats < 1:
         raise C.BenchmarkError(f"--repeats must be >= 1, got {args.repeats}")
     C.setup_runtime(args.threads, bool(args.tune_malloc))
-    device = C.resolve_device(args.device)
+    device = resolve_device(args.device)
     with C.scratch_dir("bench_inference_") as tmp:
         case_dir, data_desc = C.data_case_dir(args.root_path, args.synthetic, Path(tmp))
         test_list = case_dir.parent / "test.list"
@@ -135,21 +139,21 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
     warm = torch.zeros((args.window_batch, 1, *args.patch), device=device)
     for prec in args.precisions:
-        with torch.inference_mode(), C.autocast(device, C.amp_dtype(prec)):
+        with torch.inference_mode(), autocast(device, C.amp_dtype(prec)):
             net(warm)
     calls = {prec: (lambda prec=prec: predict(prec)) for prec in args.precisions}
     runs, outputs = C.interleaved(calls, device, 0, args.repeats,
                                   lambda name: print(f"  {name}: {n_windows} windows ...", file=sys.stderr, flush=True))
     for prec, run in runs.items():
         run.update(foreground_fraction=float((outputs[prec][0] > 0).mean()),
-                   dice_vs_ground_truth=C.dice(outputs[prec][0] > 0, label > 0),
+                   dice_vs_ground_truth=binary_dice(outputs[prec][0] > 0, label > 0),
                    parts_mean_s={name: timers[prec].totals[name] / args.repeats for name in PARTS})
     payload = {"benchmark": "sliding_window_inference", "data": data_desc, "case": case,
                "volume_shape": list(image.shape), "patch": args.patch, "stride_xy": args.stride_xy,
                "stride_z": args.stride_z, "windows": n_windows, "window_batch": args.window_batch,
                "channels_last": args.channels_last,
                "vnet": vnet_cfg, "weights": weights, "device": str(device), "repeats": args.repeats,
-               "runs": runs, "machine": C.machine_info(device),
+               "runs": runs, "machine": machine_info(device),
                # False: bf16 ran the plain autocast path on emulated kernels (utils.bf16), not the fused one
                "native_bf16": bf16_supported(device), "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA")}
     if "fp32" in outputs and "bf16" in outputs:
@@ -158,10 +162,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                                              for c in ("wall", "cpu")},
                        forward_speedup_bf16_vs_fp32=C.ratio(runs["fp32"]["parts_mean_s"]["forward"],
                                                             runs["bf16"]["parts_mean_s"]["forward"]),
-                       dice_bf16_vs_fp32=C.dice(l32 > 0, l16 > 0),
+                       dice_bf16_vs_fp32=binary_dice(l32 > 0, l16 > 0),
                        voxel_agreement_bf16_vs_fp32=float((l32 == l16).mean()),
                        max_abs_score_diff=float(np.abs(s32[1] - s16[1]).max()))
-    payload["loadavg_after"] = C.loadavg()
+    payload["loadavg_after"] = loadavg()
 
     print(f"sliding-window inference of {case} {tuple(image.shape)} ({data_desc}), patch "
           f"{'x'.join(map(str, args.patch))}, stride {args.stride_xy}/{args.stride_z}, {n_windows} windows in "
@@ -169,9 +173,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
           f"{payload['machine']['torch_threads']} threads on {device}")
     rows = [[p, C.fmt_spread(r["wall"]), C.fmt_seconds(r["cpu"]["median"]), f"{r['foreground_fraction']:.4f}",
              f"{r['dice_vs_ground_truth']:.4f}"] for p, r in runs.items()]
-    print(C.markdown_table(["precision", "wall median [min, max]", "CPU time", "fg fraction", "Dice vs GT"], rows))
+    print(markdown_table(["precision", "wall median [min, max]", "CPU time", "fg fraction", "Dice vs GT"], rows))
     print("mean time per volume by part of sliding_window_predict:")
-    print(C.markdown_table(["precision", *PARTS],
+    print(markdown_table(["precision", *PARTS],
                            [[p, *(C.fmt_seconds(r["parts_mean_s"][k]) for k in PARTS)] for p, r in runs.items()]))
     if "speedup_bf16_vs_fp32" in payload:
         sp = payload["speedup_bf16_vs_fp32"]

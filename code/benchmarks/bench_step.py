@@ -56,6 +56,9 @@ from benchmarks import common as C  # noqa: E402
 
 import torch  # noqa: E402
 
+from utils.report import markdown_table  # noqa: E402
+from utils.runtime import loadavg, machine_info, resolve_device  # noqa: E402
+
 # method -> the entry script whose module constants (SPECIALIST, GENERALIST_TERM, PROMPT, ...) define it
 METHOD_SCRIPTS = {
     "sup": "train_LA_sup",
@@ -185,13 +188,13 @@ def run_config(spec: dict) -> dict:
 
     cfg = config_from_dict(spec["config"]).validate()
     threads = C.setup_runtime(spec.get("threads"), cfg.tune_malloc)
-    device = C.resolve_device(cfg.device)
+    device = resolve_device(cfg.device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     timer = WallCpuTimer(device)
     build_s, trainer = C.timed(lambda: Trainer(cfg, output=RunOutput(cfg, is_main=False), timer=timer), device)
     warmup, steps = int(spec["warmup"]), int(spec["steps"])
-    load_before = C.loadavg()
+    load_before = loadavg()
     batches = iter(trainer.make_loader())
     records, peak_setup, cuda_setup, reset_ok = [], None, None, False
     try:
@@ -235,8 +238,8 @@ def run_config(spec: dict) -> dict:
         "generalist_weights": spec["generalist_weights"],
         "device": str(device), "threads": threads, "build_s": build_s,
         "per_step": records, "memory": memory,
-        "loadavg": [load_before, C.loadavg()],
-        "machine": C.machine_info(device),
+        "loadavg": [load_before, loadavg()],
+        "machine": machine_info(device),
     }
 
 
@@ -355,7 +358,7 @@ def summary_table(results: list[dict]) -> str:
         ["patch, batch/labeled, filters, amp, layout, ckpt levels"] + [_settings_cell(r["settings"]) for r in results],
         ["generalist weights"] + [r["generalist_weights"] for r in results],
     ]
-    return C.markdown_table(header, rows)
+    return markdown_table(header, rows)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -417,7 +420,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     results = [summarize(raw[spec["label"]]) for spec in specs]
     payload = {"benchmark": "train_step", "data": data_desc, "steps": args.steps, "warmup": args.warmup,
                "rounds": args.rounds, "train_argv": list(train_argv),
-               "machine": C.machine_info(C.resolve_device(results[0]["device"])),
+               "machine": machine_info(resolve_device(results[0]["device"])),
                "results": results, "ratios_to_first": ratios(results)}
     print(f"\ntraining step ({data_desc}; {args.rounds} round(s) of {args.warmup} warm-up + {args.steps} timed "
           f"steps; {results[0]['threads']} threads on {results[0]['device']})")

@@ -1,5 +1,7 @@
-"""Shared helpers of the benchmarks: data location, machine description, memory peaks, statistics, tables,
-worker subprocesses and random-weight SAM-Med3D generalists.
+"""Shared helpers of the benchmarks: data location, timing, memory peaks, statistics, number formats,
+worker subprocesses and random-weight SAM-Med3D generalists. (Device choice, autocast and the machine
+description come from ``utils.runtime``, tables from ``utils.report``, Dice from ``utils.metrics``: the same
+helpers the training and test scripts use.)
 
 Every benchmark is a script run from ``code/`` (``python benchmarks/bench_step.py ...``) or as a module
 (``python -m benchmarks.bench_step ...``); both put ``code/`` on ``sys.path`` so the project's top-level
@@ -10,17 +12,15 @@ Timing conventions: wall-clock ``time.perf_counter``; on CUDA every timed region
 """
 from __future__ import annotations
 
-import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 CODE_DIR = Path(__file__).resolve().parents[1]
 if str(CODE_DIR) not in sys.path:
@@ -28,7 +28,9 @@ if str(CODE_DIR) not in sys.path:
 
 import torch  # noqa: E402  (after the sys.path fix, like every project import below)
 
-TRAINING_FOLDER = "2018LA_Seg_Training Set"   # UA-MT layout: <root>/<TRAINING_FOLDER>/<case>/mri_norm2.h5
+from dataloaders.layout import TRAINING_FOLDER  # noqa: E402
+from utils.io import atomic_save  # noqa: E402
+
 LA_ENV = "LA_DATA_ROOT"
 
 
@@ -108,16 +110,6 @@ def setup_runtime(threads: Optional[int], tune_malloc: bool = True) -> int:
     return torch.get_num_threads()
 
 
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> cuda if available else cpu; a CUDA request without CUDA is a ``BenchmarkError``."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise BenchmarkError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-    return device
-
-
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -165,10 +157,6 @@ def amp_dtype(name: str) -> Optional[torch.dtype]:
     if name not in table:
         raise BenchmarkError(f"precision {name!r} unknown; choose from {sorted(table)}")
     return table[name]
-
-
-def autocast(device: torch.device, dtype: Optional[torch.dtype]):
-    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
 # ---------------------------------------------------------------------------------------------- memory
@@ -235,65 +223,6 @@ def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
     return None if a is None or not b else a / b
 
 
-def dice(a, b) -> float:
-    """Dice of two boolean / {0,1} arrays or tensors (1.0 when both are empty)."""
-    a = torch.as_tensor(a).bool()
-    b = torch.as_tensor(b).bool()
-    denom = int(a.sum()) + int(b.sum())
-    return 1.0 if denom == 0 else 2.0 * int((a & b).sum()) / denom
-
-
-# ------------------------------------------------------------------------------------------- machine
-def loadavg() -> Optional[list[float]]:
-    try:
-        return [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]]
-    except OSError:
-        return None
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _cpu_flags(wanted: Iterable[str]) -> list[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    flags = set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            flags.update(line.split(":", 1)[1].split())
-            break
-    return sorted(f for f in flags if any(f.startswith(w) for w in wanted))
-
-
-def machine_info(device: Optional[torch.device] = None) -> dict:
-    """What the numbers were measured on: CPU, cores, torch, threads, GPU, load average, date (UTC)."""
-    info = {
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "cpu": _cpu_model(),
-        "cpu_flags": _cpu_flags(["avx512_bf16", "amx", "avx512f", "avx2"]),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "cores": os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "loadavg": loadavg(),
-    }
-    if device is not None and device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        info.update(gpu=props.name, gpu_memory_gib=props.total_memory / 2**30, cuda=torch.version.cuda,
-                    cudnn=torch.backends.cudnn.version())
-    return info
-
-
 # ------------------------------------------------------------------------------------ SAM generalists
 def randomize_zero_init(model: torch.nn.Module, seed: int, std: float = 0.02) -> torch.nn.Module:
     """Fill the parameters SAM-Med3D initialises to zero (absolute and relative position tables) with
@@ -332,10 +261,7 @@ def random_generalist_checkpoint(folder: Path, arch: str, seed: int) -> Path:
     name = f"random_{Path(arch).stem}_seed{seed}.pth"
     path = Path(folder) / name
     if not path.is_file():
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(random_sam(arch, seed).state_dict(), tmp)
-        tmp.replace(path)
+        atomic_save(random_sam(arch, seed).state_dict(), path)
     return path
 
 
@@ -375,7 +301,7 @@ def write_json(path: Optional[str], payload: dict) -> None:
     print(f"wrote {out}")
 
 
-# ------------------------------------------------------------------------------------------- tables
+# ------------------------------------------------------------------------------------ number formats
 def fmt_seconds(s: Optional[float]) -> str:
     if s is None:
         return "-"
@@ -395,13 +321,3 @@ def fmt_ratio(r: Optional[float]) -> str:
 
 def fmt_gib(b: Optional[float]) -> str:
     return "-" if b is None else f"{b / 2**30:.2f} GiB"
-
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """A GitHub markdown table (first column left-aligned, the others right-aligned)."""
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    def line(cells):
-        return "| " + " | ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)
-                                 for i, (c, w) in enumerate(zip(cells, widths))) + " |"
-    sep = "|" + "|".join(("-" * (w + 2)) if i == 0 else ("-" * (w + 1) + ":") for i, w in enumerate(widths)) + "|"
-    return "\n".join([line(header), sep, *(line(r) for r in rows)])

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# GPU pass at paper settings (about 10 minutes on one H100: under a 10-minute limit per command run it as
-# --only smoke,step128,infer,encoder,hostcpu then --only step,stepbf16,layout): smoke, then benchmarks.
+# GPU pass at paper settings: smoke, then benchmarks. All stages together take about as long as one 10-minute
+# device command may run (results/README.md, "Second GPU pass", ran it in these two calls), so under such a
+# limit run it as --only smoke,step128,infer,encoder,hostcpu then --only step,stepbf16,layout.
 #
 #   bash code/benchmarks/gpu_check.sh [--root_path LA_ROOT | --synthetic] [--out DIR] [--quick] [--only S,S]
 #

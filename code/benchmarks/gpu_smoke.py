@@ -46,6 +46,7 @@ import torch
 
 from benchmarks import common as C
 from utils.bf16 import NO_NATIVE_BF16_TEXT, bf16_supported
+from utils.runtime import machine_info
 
 CODE_DIR = Path(__file__).resolve().parent.parent
 QUICK = dict(patch=["48", "48", "32"], n_filters="4", arch="vit_tiny_demo")
@@ -168,7 +169,7 @@ def run_smoke(args) -> dict:
     resume_diff = steps.get("semisam_resumed_part2", {}).get("max_abs_diff_to_uninterrupted")
     if resume_diff is None or resume_diff != 0.0:
         failed.append(f"resumed run vs uninterrupted run: max |difference| {resume_diff} (expected 0.0)")
-    return {"machine": C.machine_info(torch.device(args.device)), "native_bf16": bf16_refusal is None,
+    return {"machine": machine_info(torch.device(args.device)), "native_bf16": bf16_refusal is None,
             "data": data_desc, "generalist": arch,
             "iterations": n, "quick": args.quick, "steps": steps, "test_metrics": metrics, "failed": failed}
 

@@ -1,6 +1,6 @@
 """Left-atrium (LA) dataset, UA-MT transforms and a deterministic two-stream batch sampler.
 
-Data layout (UA-MT's ``data/``)::
+Data layout (UA-MT's ``data/``; the names are ``dataloaders.layout``'s)::
 
     <root>/2018LA_Seg_Training Set/<case>/mri_norm2.h5   # image float32 (X,Y,Z), label uint8 {0,1} (X,Y,Z)
     <root>/train.list, <root>/test.list                  # case names, one per line
@@ -13,9 +13,9 @@ Differences from the official ``dataloaders/la_heart.py`` (UA-MT), all deliberat
   global numpy state, and the sampler hands every sample its own ``aug_seed``: a batch is a pure function of
   (seed, rank, iteration), whatever the number of DataLoader workers.
 - Unlabeled scans (``withhold_labels``) never have their ``label`` dataset read, so no code path downstream can
-  leak ground truth of unlabeled scans into training (the official SemiSAM script did, see DESIGN.md 3.1).
+  leak ground truth of unlabeled scans into training (the official SemiSAM script did: docs/design.md, defect 1).
 - Both sampler streams are eternal, so any labeled count >= 1 works, and the unlabeled range is the rest of
-  the list instead of a hard-coded 80 (DESIGN.md 3.9).
+  the list instead of a hard-coded 80 (docs/design.md, defect 9).
 - Bad files raise :class:`LADataError` naming the case, the file and what was expected.
 """
 from __future__ import annotations
@@ -31,14 +31,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from dataloaders.layout import DEFAULT_ROOT, H5_NAME
 from utils.errors import DataError
 
-DEFAULT_ROOT = "../data/2018LA_Seg_Training Set"
-H5_NAME = "mri_norm2.h5"
-
 __all__ = [
-    "LADataError", "DEFAULT_ROOT", "H5_NAME", "read_list", "list_path", "check_data_folder", "load_case",
-    "check_case_header",
+    "LADataError", "read_list", "list_path", "check_data_folder", "load_case", "check_case_header",
     "split_labeled", "LAHeart", "RandomRotFlip", "RandomCrop", "CenterCrop", "ToTensor", "Compose",
     "TwoStreamBatchSampler",
 ]

@@ -29,7 +29,6 @@ CLI (run from ``code/``)::
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import zlib
 from pathlib import Path
@@ -38,7 +37,9 @@ import h5py
 import numpy as np
 import SimpleITK as sitk
 
-from dataloaders.la_heart import H5_NAME, LADataError, read_list
+from dataloaders.la_heart import LADataError, read_list
+from dataloaders.layout import H5_NAME
+from utils.io import atomic_write
 
 IMAGE_NAME = "lgemri.nrrd"
 LABEL_NAME = "laendo.nrrd"
@@ -110,16 +111,14 @@ def convert_case(src_case_dir, dst_case_dir, seed: int = 0) -> dict:
     sl = tuple(slice(a, b) for a, b in box)
     image, label = image[sl], label[sl]
 
-    dst_case_dir.mkdir(parents=True, exist_ok=True)
-    out = dst_case_dir / H5_NAME
-    tmp = dst_case_dir / f".{H5_NAME}.tmp"
-    with h5py.File(tmp, "w") as f:
-        f.create_dataset("image", data=image, compression="gzip")
-        f.create_dataset("label", data=label, compression="gzip")
-        f.attrs["spacing"] = np.asarray(spacing, dtype=np.float64)
-        f.attrs["crop"] = np.asarray(box, dtype=np.int64)
-        f.attrs["seed"] = int(seed)
-    os.replace(tmp, out)
+    def write(tmp: Path) -> None:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("image", data=image, compression="gzip")
+            f.create_dataset("label", data=label, compression="gzip")
+            f.attrs["spacing"] = np.asarray(spacing, dtype=np.float64)
+            f.attrs["crop"] = np.asarray(box, dtype=np.int64)
+            f.attrs["seed"] = int(seed)
+    atomic_write(dst_case_dir / H5_NAME, write)
     return dict(case=case, shape=tuple(image.shape), spacing=spacing, crop=box)
 
 

@@ -28,7 +28,6 @@ The shape primitives (:func:`smooth_field`, :func:`ellipsoid_radius`, :func:`tub
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,10 +35,12 @@ import h5py
 import numpy as np
 from scipy import ndimage
 
+from dataloaders.layout import H5_NAME, TRAINING_FOLDER
 from utils.errors import ConfigError
+from utils.io import atomic_write
 
 __all__ = [
-    "DEFAULT_SIZE", "REFERENCE_SIZE", "TRAINING_FOLDER", "H5_NAME", "PhantomError", "Phantom", "case_name",
+    "DEFAULT_SIZE", "REFERENCE_SIZE", "PhantomError", "Phantom", "case_name",
     "case_rng", "make_phantom", "phantom_case", "write_phantom_dataset", "smooth_field", "random_rotation",
     "ellipsoid_radius", "bezier", "tube_sdf",
 ]
@@ -47,8 +48,6 @@ __all__ = [
 REFERENCE_SIZE = (190, 140, 88)
 DEFAULT_SIZE = REFERENCE_SIZE
 MIN_SIZE = 24
-TRAINING_FOLDER = "2018LA_Seg_Training Set"
-H5_NAME = "mri_norm2.h5"
 
 
 class PhantomError(ConfigError):
@@ -325,11 +324,11 @@ def phantom_case(seed: int, index: int, size=DEFAULT_SIZE) -> Phantom:
 
 
 def _write_h5(path: Path, image: np.ndarray, label: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with h5py.File(tmp, "w") as h5:
-        h5.create_dataset("image", data=image, compression="gzip")
-        h5.create_dataset("label", data=label, compression="gzip")
-    os.replace(tmp, path)  # a crashed run never leaves a truncated mri_norm2.h5
+    def write(tmp: Path) -> None:
+        with h5py.File(tmp, "w") as h5:
+            h5.create_dataset("image", data=image, compression="gzip")
+            h5.create_dataset("label", data=label, compression="gzip")
+    atomic_write(path, write)  # a crashed run never leaves a truncated mri_norm2.h5
 
 
 def _check_count(name: str, value) -> int:

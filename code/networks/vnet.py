@@ -91,10 +91,10 @@ class _ConvTransposeSummedBias(torch.autograd.Function):
     """``F.conv_transpose3d`` whose backward takes the bias gradient as a plain sum of the output gradient.
 
     PyTorch's CPU backward of a transposed convolution (2.13, oneDNN, channels_last_3d) spends most of its time
-    on the bias gradient: for the V-Net's last upsampling (4 x 32 x 56 x 56 x 40 -> 16 channels) 78 of 111 ms
-    in fp32 and 122 of 132 ms in bf16, where ``grad.sum((0, 2, 3, 4))`` takes 13 / 7 ms. The input and weight
-    gradients still come from ``aten.convolution_backward`` (bit for bit the native ones); the bias gradient
-    is the same sum in another order (rounding differences only)."""
+    on the bias gradient, which as a plain ``grad.sum((0, 2, 3, 4))`` costs a small fraction of that
+    (measured for the V-Net's last upsampling in results/README.md, "Fourth CPU pass", item 2). The input and
+    weight gradients still come from ``aten.convolution_backward`` (bit for bit the native ones); the bias
+    gradient is the same sum in another order (rounding differences only)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, stride, padding, output_padding, groups, dilation):
@@ -119,8 +119,9 @@ class _ConvTransposeSummedBias(torch.autograd.Function):
 
 class ConvTranspose3d(nn.ConvTranspose3d):
     """``nn.ConvTranspose3d`` (same parameters, state-dict keys and forward) with a faster CPU backward
-    (:class:`_ConvTransposeSummedBias`): a V-Net training step at 112x112x80, batch 4, ~3 % faster in fp32 and
-    ~7 % in bf16 on this project's CPU. Elsewhere (CUDA, no autograd, ``output_size``) it is the plain module.
+    (:class:`_ConvTransposeSummedBias`), which makes a CPU training step's backward faster in fp32 and more so in
+    bf16 (results/README.md, "Fourth CPU pass", item 2). Elsewhere (CUDA, no autograd, ``output_size``) it is the
+    plain module.
     Under autocast it casts input, weight and bias to the autocast dtype as autocast does for
     ``conv_transpose3d``."""
 

@@ -30,6 +30,17 @@ def cpu_training_amp() -> str:
     return "bf16" if native_cpu_bf16() else "none"
 
 
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """Give every test the session's torch thread count back: the benchmarks' in-process runs set it (their
+    --threads, as the scripts must), and results such as the generalist's float rounding depend on it, so a
+    later test would otherwise see whatever the previous one left."""
+    before = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != before:
+        torch.set_num_threads(before)
+
+
 def _env_dir(var: str, must_contain: list[str]) -> Path:
     value = os.environ.get(var)
     if not value:

@@ -17,6 +17,9 @@ from benchmarks import bench_clicks, bench_encoder, bench_inference, bench_step,
 from benchmarks import common as C
 from tests.conftest import cpu_training_amp
 from utils.bf16 import bf16_supported
+from dataloaders.layout import TRAINING_FOLDER
+from utils.metrics import binary_dice
+from utils.report import markdown_table
 
 BENCH_DIR = Path(bench_step.__file__).resolve().parent
 TINY_STEP = ["--patch_size", "32", "32", "16", "--batch_size", "2", "--labeled_bs", "1", "--n_filters", "4",
@@ -42,9 +45,9 @@ def test_spread_ratio_dice_and_table():
         C.spread([])
     assert C.ratio(3.0, 1.5) == 2.0 and C.ratio(1.0, 0.0) is None
     a = torch.tensor([1, 1, 0, 0])
-    assert C.dice(a, torch.tensor([1, 0, 1, 0])) == 0.5
-    assert C.dice(torch.zeros(3), torch.zeros(3)) == 1.0
-    table = C.markdown_table(["name", "value"], [["a", "1"], ["bbb", "22"]]).splitlines()
+    assert binary_dice(a, torch.tensor([1, 0, 1, 0])) == 0.5
+    assert binary_dice(torch.zeros(3), torch.zeros(3)) == 1.0
+    table = markdown_table(["name", "value"], [["a", "1"], ["bbb", "22"]]).splitlines()
     assert table[0] == "| name | value |" and table[1] == "|------|------:|" and table[3] == "| bbb  |    22 |"
     assert C.fmt_seconds(0.0123) == "12.3 ms" and C.fmt_seconds(2.5) == "2.50 s"
 
@@ -200,7 +203,7 @@ def test_step_rounds_pool_steps_and_ratios_need_comparable_settings(la_root):
 
 def test_enough_cases_for_every_method_script(tmp_path):
     # the GPU pass once carried a 12-case subset: MT and UA-MT label 16, so every step stage failed
-    case_dir = tmp_path / C.TRAINING_FOLDER
+    case_dir = tmp_path / TRAINING_FOLDER
     case_dir.mkdir()
     (tmp_path / "test.list").write_text("t0\n")
     (tmp_path / "train.list").write_text("".join(f"c{i}\n" for i in range(12)))

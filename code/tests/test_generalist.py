@@ -432,7 +432,8 @@ def test_pad_geometry_clicks_stay_inside_the_patch_even_for_an_empty_specialist(
 
 
 def test_patch_embedding_stays_float32_under_bf16_autocast(sam):
-    # oneDNN's bf16 kernel for this conv is ~25x slower than float32 on AVX-512 CPUs; the layer opts out
+    # oneDNN's bf16 kernel for this conv is many times slower than float32 on AVX-512 CPUs (results/history.md,
+    # "Second pass", item 5); the layer opts out
     x = torch.randn(2, 1, S, S, S, generator=torch.Generator().manual_seed(4))
     embed = sam.image_encoder.patch_embed
     with torch.inference_mode():

@@ -8,8 +8,8 @@ from scipy import ndimage
 
 import make_phantoms
 from dataloaders.la_heart import LAHeart, load_case, read_list
-from dataloaders.phantoms import (DEFAULT_SIZE, TRAINING_FOLDER, PhantomError, case_name, phantom_case,
-                                  write_phantom_dataset)
+from dataloaders.layout import TRAINING_FOLDER
+from dataloaders.phantoms import DEFAULT_SIZE, PhantomError, case_name, phantom_case, write_phantom_dataset
 from utils.errors import run_entry
 
 SMALL = (64, 56, 40)

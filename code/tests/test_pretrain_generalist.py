@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import pretrain_generalist
-from dataloaders.phantoms import TRAINING_FOLDER, write_phantom_dataset
+from dataloaders.layout import TRAINING_FOLDER
+from dataloaders.phantoms import write_phantom_dataset
 from dataloaders.shape_corpus import (OBJECT_KINDS, ShapeCorpus, ShapeCorpusError, corpus_rng, sample,
                                       sample_scene)
 from networks.sam_med3d import build_sam3d_from_config, clear_generalist_cache, load_generalist
@@ -221,3 +222,23 @@ def test_bad_settings_name_the_flag_or_file(tmp_path, tiny_json):
         pretrain(tiny_cfg(tmp_path, tiny_json, data=str(tmp_path / "absent")))
     with pytest.raises(KeyError, match="unknown SAM-Med3D registry name 'vit_nope'"):
         pretrain(tiny_cfg(tmp_path, tiny_json, arch_config=None, arch="vit_nope"))
+
+
+def test_a_crash_while_saving_keeps_the_previous_checkpoint_and_config(tmp_path, monkeypatch):
+    from training.pretrain import save_checkpoint
+    from utils import io
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    out = tmp_path / "g.pth"
+    save_checkpoint(out, model, optimizer, 1, TINY, PretrainConfig(), [0.5])
+    before = out.read_bytes(), config_json_path(out).read_text()
+
+    def dies(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError("killed while writing")
+    monkeypatch.setattr(io, "_serialize", dies)       # pretraining writes through utils.io (fsync, rename)
+    with pytest.raises(OSError, match="killed"):
+        save_checkpoint(out, model, optimizer, 2, TINY, PretrainConfig(), [0.5, 0.4])
+    assert (out.read_bytes(), config_json_path(out).read_text()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.json", "g.pth"]
+    assert torch.load(out, weights_only=True)["iteration"] == 1

@@ -16,6 +16,7 @@ from networks.sam_med3d import (CKPT_DIR, GeneralistCheckpointError, arch_to_con
                                 sam_model_registry3D)
 from networks.sam_med3d import checkpoint as ckpt_module
 from networks.sam_med3d.build import _make_config
+from utils import io
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -85,7 +86,7 @@ def _assert_same_weights(loaded, source):
                                  "medim_state_dict_key"])
 def test_every_checkpoint_format_loads_frozen(tmp_path, source_model, fmt, caplog):
     path = _write(tmp_path / f"{fmt}.pth", _checkpoint(source_model, fmt))
-    with caplog.at_level(logging.WARNING, logger=ckpt_module.logger.name):
+    with caplog.at_level(logging.WARNING, logger=io.log.name):   # the reader logs the unpickling warning
         model = load_generalist(path, arch=small_config())
     _assert_same_weights(model, source_model)
     assert not model.training and all(not m.training for m in model.modules())

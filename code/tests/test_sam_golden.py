@@ -1,7 +1,7 @@
 """SAM-Med3D reimplementation vs the official code's golden fixtures, and fast vs reference attention.
 
 Golden files: every ``sam3d_golden_*.pt`` in SEMISAM_FIXTURES (``a`` must exist; ``b`` is checked when
-present). Tolerance rtol 1e-4, atol 1e-5 (fixtures README 4) on every output and intermediate, chained
+present). Tolerance rtol 1e-4, atol 1e-5 (what the fixtures' makers verified their own reruns to) on every output and intermediate, chained
 end to end. Fixture a has one voxel where a 2-channel LayerNorm3d of ``mask_downscaling`` sees a variance
 (2.3e-7) below its eps (1e-6) and magnifies the last bit of the preceding convolution ~1000x; the
 ``PatchConv3d`` of the prompt encoder fixes that convolution's rounding order, which reproduces the golden

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from training import methods, state as S
+from utils import io
 from training.engine import NonFiniteLossError
 from training.run import main
 
@@ -69,7 +70,7 @@ def test_crash_while_writing_keeps_the_previous_state(setup, la_data_dir, tmp_pa
         f.write(b"half a checkpoint")          # the temporary file gets some bytes, then the process dies
         raise OSError("simulated crash during write")
 
-    monkeypatch.setattr(S, "_serialize", crash)
+    monkeypatch.setattr(io, "_serialize", crash)   # the serializer behind every checkpoint write
     trainer.iteration = 99
     with pytest.raises(OSError, match="simulated crash"):
         trainer.save_state()

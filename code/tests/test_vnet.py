@@ -11,8 +11,8 @@ from networks.vnet import NORMALIZATIONS, ConvTranspose3d, VNet, vnet_config_fro
 TOL = dict(rtol=1e-4, atol=1e-5)
 LOW_RES_BLOCKS = ("block_three", "block_four", "block_five", "block_six", "block_seven")
 
-# (block, number of conv stages, kind) in official order; the expected key names are rebuilt from
-# fixtures/README.md section 3 independently of networks/vnet.py.
+# (block, number of conv stages, kind) in official order, as UA-MT's vnet.py builds them; the expected key names
+# are rebuilt from this list independently of networks/vnet.py.
 LAYOUT = [("block_one", 1, "conv"), ("block_one_dw", 1, "down"), ("block_two", 2, "conv"),
           ("block_two_dw", 1, "down"), ("block_three", 3, "conv"), ("block_three_dw", 1, "down"),
           ("block_four", 3, "conv"), ("block_four_dw", 1, "down"), ("block_five", 3, "conv"),

@@ -50,10 +50,9 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from utils.errors import ConfigError
+from utils.generalist import GEOMETRIES, PROMPTS
 
 AMP_MODES = ("none", "bf16")
-PROMPTS = ("point", "mask", "unc")
-GEOMETRIES = ("pad", "resample")
 
 
 @dataclass
@@ -71,8 +70,9 @@ class TrainConfig:
     batch_size: int = 4
     labeled_bs: int = 2
     num_workers: int = 4
-    # decode every used case once, before the workers fork (they share it): the gzip-compressed h5 files cost
-    # ~45 ms per case and read, ~6% of a bf16 step on CPU; costs ~10 MB of memory per case (0.8 GB for LA)
+    # decode every used case once, before the workers fork (they share it): decoding the gzip-compressed h5
+    # files at every read was a visible share of a bf16 step on CPU (results/history.md, "Second pass", item 2);
+    # costs the decoded arrays' memory (an LA case is about 10 MB of float32)
     cache: bool = True
     # output
     exp: str = "LA/experiment"
@@ -124,11 +124,13 @@ class TrainConfig:
     # runtime
     device: str = "auto"
     amp: str = "none"
-    # None = auto: channels_last_3d on CPU and CUDA, where it measured 1.3x (oneDNN) and 1.8x (cuDNN, H100)
-    # faster for a training step (results/README.md, results/history.md)
+    # None = auto: channels_last_3d on CPU and CUDA, where a training step measured faster in that layout
+    # (oneDNN: results/history.md, "Second pass", item 1; cuDNN on an H100: results/history.md, "First GPU
+    # pass", item 1)
     channels_last: Optional[bool] = None
     # V-Net resolution levels recomputed in backward instead of stored (0 off; 1 full resolution; 2 also half):
-    # at 128^3, batch 4, fp32 on CPU the student's forward + backward peak went 7.4 -> 5.8 -> 4.7 GiB
+    # each level lowers the peak memory of the student's forward + backward, at the price of recomputing it
+    # (results/history.md, "Numbers moved out of code comments")
     checkpoint_levels: int = 0
     tune_malloc: bool = True                  # glibc: keep freed memory for reuse (training.run.tune_malloc)
     resume: Optional[str] = None              # path, or 'auto' -> <snapshot>/train_state.pth

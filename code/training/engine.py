@@ -38,7 +38,6 @@ bit-identically.
 from __future__ import annotations
 
 import copy
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +55,8 @@ from networks.vnet import VNet
 from utils import ramps
 from utils.errors import ConfigError, ProjectError
 from utils.inference import channels_last_default
+from utils.io import TRAIN_STATE_FORMAT, atomic_save
+from utils.runtime import autocast, derived_seed, resolve_device, seed_everything
 
 from training import distributed as D
 from training import state as S
@@ -73,18 +74,6 @@ BEST_MODEL_NAME = "best_model.pth"
 class NonFiniteLossError(ProjectError, RuntimeError):
     """A loss term became NaN/Inf; no optimiser step was taken for that iteration. A ProjectError: the user
     can act on it (lower the learning rate, check the data) and the message says where the last good state is."""
-
-
-def seed_everything(seed: int) -> None:
-    """Seed python's ``random``, numpy's global RNG and torch (all devices)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def derived_seed(*parts: int) -> int:
-    """A 63-bit seed from integers, independent across distinct ``parts`` (numpy SeedSequence)."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] >> 1)
 
 
 @torch.no_grad()
@@ -149,7 +138,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, ctx: Optional[D.DistContext] = None, output: Optional[RunOutput] = None,
                  timer: Timer = null_timer):
         self.cfg = cfg
-        self.ctx = ctx or D.DistContext(device=D.resolve_device(cfg.device))
+        self.ctx = ctx or D.DistContext(device=resolve_device(cfg.device))
         self.device = self.ctx.device
         self.out = output or RunOutput(cfg, self.ctx.is_main)
         self.timer = timer
@@ -184,7 +173,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------ building
     def _autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp_dtype is not None)
+        return autocast(self.device, self.amp_dtype)
 
     def _build_data(self) -> None:
         cfg = self.cfg
@@ -398,7 +387,7 @@ class Trainer:
     def save_checkpoint(self, path: Path) -> None:
         """The plain student state_dict (UA-MT keys; loadable by test_LA.py and the official test script)."""
         if self.ctx.is_main:
-            S.atomic_save(self.student.state_dict(), path)
+            atomic_save(self.student.state_dict(), path)
             self.out.info(f"save model to {path}")
 
     def state_dict(self) -> dict:
@@ -406,7 +395,7 @@ class Trainer:
         rng = D.gather_objects(S.capture_rng(self.device, self.term_generator), self.ctx)
         config = self.cfg.to_dict()
         config.update(cases=list(self.dataset.cases), world_size=self.ctx.world_size)
-        return {"format": S.STATE_FORMAT, "version": S.STATE_VERSION, "iteration": self.iteration,
+        return {"format": TRAIN_STATE_FORMAT, "version": S.STATE_VERSION, "iteration": self.iteration,
                 "student": self.student.state_dict(),
                 "teacher": self.teacher.state_dict() if self.teacher is not None else None,
                 "optimizer": self.optimizer.state_dict(), "config": config, "rng": rng,
@@ -417,7 +406,7 @@ class Trainer:
         """Write train_state.pth atomically (every rank takes part in gathering the RNG states)."""
         state = self.state_dict()
         if self.ctx.is_main:
-            S.atomic_save(state, self.state_path)
+            atomic_save(state, self.state_path)
         self._last_saved = self.iteration
 
     def load_state(self, path) -> None:
@@ -476,7 +465,7 @@ class Trainer:
         improved = self.best is None or dice > self.best["dice"]
         if improved:
             self.best = {"dice": dice, "iteration": self.iteration}
-            S.atomic_save(self.student.state_dict(), cfg.snapshot_path / BEST_MODEL_NAME)
+            atomic_save(self.student.state_dict(), cfg.snapshot_path / BEST_MODEL_NAME)
         self.out.info(f"validation at iteration {self.iteration}: mean Dice {dice:.4f} over {len(cases)} cases"
                       + (" (best so far, saved best_model.pth)" if improved else
                          f" (best {self.best['dice']:.4f} at iteration {self.best['iteration']})"))

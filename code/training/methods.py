@@ -1,6 +1,6 @@
 """The built-in parts of a step's loss, chosen by name (interface and registries: ``training.parts``).
 
-A step's loss is ``L = L_sup + w_c(t) * L_c + w_g(t) * L_g``; each term is one part:
+A step's loss is ``L = L_sup + w_c(t) * L_c + w_g(t) * L_g`` (docs/design.md, section 1); each term is one part:
 
 - ``SUPERVISED_LOSSES``: 'ce_dice' (UA-MT: ``0.5 * (CE + Dice)`` on the labeled patches).
 - ``CONSISTENCY_TERMS`` (the specialist consistency, needs the EMA teacher; chosen by the ``--specialist``

@@ -33,8 +33,8 @@ the same machine and thread count. The checkpoint is the official format plus tr
      architecture, golden-fixture format), 'format': 'semisam_generalist_pretrain', 'version': 1,
      'train_args': dict, 'losses': list[float]}
 
-written atomically (tmp file + os.replace), with the config also written to ``<out without suffix>.json`` so
-``load_generalist(out, arch=<json>)`` and ``--generalist_arch <json>`` work.
+written atomically (``utils.io.atomic_save``: tmp file, fsync, os.replace), with the config also written to
+``<out without suffix>.json`` so ``load_generalist(out, arch=<json>)`` and ``--generalist_arch <json>`` work.
 """
 from __future__ import annotations
 
@@ -42,7 +42,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +55,8 @@ from dataloaders.shape_corpus import ShapeCorpus
 from utils.clicks import accumulate_clicks, next_clicks
 from utils.errors import ProjectError
 from utils.generalist import sam_znorm
+from utils.io import atomic_save, atomic_write
+from utils.runtime import derived_seed
 
 __all__ = ["PretrainError", "PretrainConfig", "CKPT_FORMAT", "config_json_path", "resolve_arch", "build_model",
            "H5Crops", "seg_loss", "interaction_loss", "simulate_padding", "lr_at", "save_checkpoint", "pretrain"]
@@ -64,6 +65,8 @@ log = logging.getLogger("pretrain")
 
 CKPT_FORMAT = "semisam_generalist_pretrain"
 DICE_SMOOTH = 1e-5
+# stream keys of derived_seed(seed, key): the data, the clicks and step choices, the initial weights
+_DATA_STREAM = 0
 _CLICK_STREAM = 1
 _INIT_STREAM = 2
 # settings that define the sample stream, the model or the optimisation: a resume must not change them
@@ -103,12 +106,6 @@ class PretrainConfig:
     resume: str | None = None               # checkpoint to continue from
     stop_at: int | None = None              # save and stop after this iteration (a time-limited job's slice)
     progress: bool = True
-
-
-def _derived_seed(seed: int, *keys: int) -> int:
-    """A 63-bit seed for the stream ``keys`` of run ``seed``."""
-    state = np.random.SeedSequence(int(seed), spawn_key=tuple(int(k) for k in keys)).generate_state(2, np.uint32)
-    return int((int(state[0]) << 31) ^ int(state[1]))
 
 
 def config_json_path(out) -> Path:
@@ -167,7 +164,7 @@ def build_model(config: dict, seed: int, init: str | None = None, device: str = 
     from networks.sam_med3d.build import config_label
     from networks.sam_med3d.checkpoint import load_checkpoint_into
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(_derived_seed(seed, _INIT_STREAM))
+        torch.manual_seed(derived_seed(seed, _INIT_STREAM))
         model = build_sam3d_from_config(config)
     if init:
         # load_generalist's reading rules on a private model: load_generalist itself returns a cached, shared,
@@ -233,7 +230,7 @@ class H5Crops(Dataset):
 
 
 def _dataset(cfg: PretrainConfig, img_size: int) -> Dataset:
-    data_seed = _derived_seed(cfg.seed, 0)
+    data_seed = derived_seed(cfg.seed, _DATA_STREAM)
     if not cfg.data:
         return ShapeCorpus(img_size, seed=data_seed)
     base = Path(cfg.data)
@@ -348,17 +345,6 @@ def lr_at(cfg: PretrainConfig, t: int) -> float:
 
 # ----------------------------------------------------------------------------------------------- checkpoints
 
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def save_checkpoint(path, model, optimizer, iteration: int, config: dict, cfg: PretrainConfig,
                     losses: list[float]) -> Path:
     """Write the checkpoint (official keys + training fields) and its config JSON, both atomically."""
@@ -367,8 +353,8 @@ def save_checkpoint(path, model, optimizer, iteration: int, config: dict, cfg: P
              "model_state_dict": model.state_dict(), "optimizer_state_dict": optimizer.state_dict(),
              "iteration": int(iteration), "epoch": int(iteration), "config": config,
              "train_args": dataclasses.asdict(cfg), "losses": [float(x) for x in losses]}
-    _atomic_write(path, lambda p: torch.save(state, p))
-    _atomic_write(config_json_path(path), lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
+    atomic_save(state, path)
+    atomic_write(config_json_path(path), lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
     return path
 
 

@@ -37,11 +37,10 @@ def tune_malloc(mmap_threshold: int = _MMAP_THRESHOLD_MAX, trim_threshold: int =
     heap top back to the OS, so each step pays again for page faults and zero-filling. Raising the trim and
     mmap thresholds keeps blocks up to 32 MiB in the heap; V-Net activations are larger (16 x 112x112x80
     float32 = 64 MiB per sample), so ``disable_mmap`` (M_MMAP_MAX = 0) also serves those from the heap.
-    Measured on this project's 2-core CPU machine, V-Net (n_filters 16, batch 4 of 64x64x48) forward +
-    backward + SGD: 4.0 s -> 2.6 s per step (-35%) with disable_mmap, no gain from the thresholds alone,
-    peak RSS 1.2 -> 1.5 GiB. The price is memory held by fragmentation: a full-size UA-MT run on CPU
-    (112x112x80, T = 8 passes in one forward) peaked at 14.5 GB instead of 9.2 GB; ``--tune_malloc 0`` turns
-    this off. GPU runs allocate little host memory either way. Returns True if every setting was accepted.
+    On CPU this made a V-Net step markedly faster (only with disable_mmap; the thresholds alone gained
+    nothing). The price is memory held by fragmentation, most for UA-MT's T passes in one forward;
+    ``--tune_malloc 0`` turns this off. Both measurements: results/history.md, "Numbers moved out of code
+    comments". GPU runs allocate little host memory either way. Returns True if every setting was accepted.
     """
     if not sys.platform.startswith("linux"):
         return False
@@ -68,8 +67,8 @@ def hugepage_malloc_env(environ: dict) -> Optional[dict]:
     """The environment to restart with so that glibc's malloc backs large blocks with transparent huge pages
     (``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``), or None to keep this one: not Linux, the tunable already
     chosen (either way), or ``SEMISAM_NO_REEXEC`` set (also set in the returned environment, so a restarted
-    process never restarts again). Measured on this project's 2-core CPU machine, a 128^3 V-Net forward +
-    backward: 7.92 -> 6.19 s with ``--tune_malloc 1``, 12.35 -> 8.64 s with ``--tune_malloc 0``. The tunable is
+    process never restarts again). Huge pages made a 128^3 V-Net forward + backward on CPU faster with either
+    ``--tune_malloc`` setting (results/history.md, "Second pass", "What remains, by file"). The tunable is
     only read when a process starts, hence the restart; glibc versions without it ignore it."""
     if not sys.platform.startswith("linux") or environ.get(_REEXEC_GUARD):
         return None

@@ -1,6 +1,6 @@
-"""Checkpoint files: atomic writes, RNG capture/restore, the train_state.pth format.
+"""The train_state.pth format: RNG capture/restore, reading and checking a state to resume from.
 
-``train_state.pth`` (format in /work/notes/interfaces.md)::
+``train_state.pth`` (also in docs/design.md, section 4)::
 
     {'format': 'semisam_train_state', 'version': 1, 'iteration': int (completed steps),
      'student': state_dict, 'teacher': state_dict | None (no teacher without a specialist consistency),
@@ -16,56 +16,19 @@ from __future__ import annotations
 import os
 import random
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 
 from utils.errors import CheckpointError, MissingFileError
+from utils.io import TRAIN_STATE_FORMAT
 
-STATE_FORMAT = "semisam_train_state"
 STATE_VERSION = 1
 
 
 class TrainStateError(CheckpointError):
     """A train_state.pth that cannot be resumed from (wrong format, version or settings); a ValueError."""
-
-
-def _serialize(obj: Any, fileobj) -> None:
-    """The serializer behind ``atomic_save`` (a module attribute so a test can make it fail mid-write)."""
-    torch.save(obj, fileobj)
-
-
-def atomic_save(obj: Any, path: os.PathLike, serializer: Optional[Callable[[Any, Any], None]] = None) -> Path:
-    """Write ``obj`` to ``path`` so that a crash leaves either the old or the new file, never half of one.
-
-    The bytes go to a temporary file in the same folder, are flushed and fsync'ed, then ``os.replace``d onto
-    ``path`` (atomic on POSIX within one file system); the folder is fsync'ed so the rename is durable.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    write = serializer or _serialize
-    try:
-        with open(tmp, "wb") as f:
-            write(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    try:
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:  # some file systems do not let a folder be opened; the rename already happened
-        return path
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
-    return path
 
 
 # ------------------------------------------------------------------------------------------------- RNG
@@ -110,8 +73,8 @@ def load_train_state(path: os.PathLike) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - re-raised with the file name
         raise TrainStateError(f"{path} is not a readable train state: {e}") from e
-    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-        raise TrainStateError(f"{path} is not a train state (expected format {STATE_FORMAT!r}; a plain "
+    if not isinstance(state, dict) or state.get("format") != TRAIN_STATE_FORMAT:
+        raise TrainStateError(f"{path} is not a train state (expected format {TRAIN_STATE_FORMAT!r}; a plain "
                               f"iter_N.pth holds only student weights and cannot be resumed)")
     if state.get("version") != STATE_VERSION:
         raise TrainStateError(f"{path} has train-state version {state.get('version')!r}; "

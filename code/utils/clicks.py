@@ -29,7 +29,8 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-try:  # seung-lab's exact Euclidean distance transform: ~5x faster than scipy's on 128^3 masks
+try:  # seung-lab's exact Euclidean distance transform, several times faster than scipy's
+    # (results/history.md, "Second pass", item 4)
     import edt as _edt
 except ImportError:  # scipy gives the same distances (tested), only slower
     _edt = None
@@ -52,16 +53,17 @@ def _depth(mask: np.ndarray) -> np.ndarray:
     """Per voxel of ``mask`` (X, Y, Z) a strictly increasing function of its Euclidean distance to the
     nearest False voxel: the squared distance with edt (integers, exact in its float32), the distance with
     scipy. Both order the voxels identically, so the deepest voxel (first in C order on ties) is the same.
-    edt runs on as many threads as torch (the same integers with any count; 2 threads halve its 28 ms on a
-    130^3 mask here, and on a GPU machine this CPU step is what the GPU waits for)."""
+    edt runs on as many threads as torch (the same integers with any count; more threads make it faster,
+    results/history.md, "Numbers moved out of code comments"; on a GPU machine this CPU step is what the GPU
+    waits for)."""
     if _edt is not None:
         return _edt.edtsq(np.ascontiguousarray(mask, dtype=np.uint8), parallel=max(1, torch.get_num_threads()))
     return ndimage.distance_transform_edt(mask)
 
 
 def _any(mask: torch.Tensor, dim: int) -> torch.Tensor:
-    """``mask.any(dim)`` for a bool tensor, as a uint8 maximum: PyTorch's CPU bool ``any`` took 1.4 ms over
-    a 2 x 128^3 batch, the maximum 0.03-0.06 ms."""
+    """``mask.any(dim)`` for a bool tensor, as a uint8 maximum: PyTorch's CPU bool ``any`` is far slower than
+    the maximum (results/history.md, "Numbers moved out of code comments")."""
     return mask.view(torch.uint8).amax(dim=dim).bool()
 
 
@@ -99,7 +101,8 @@ def _deepest_voxel(regions: list) -> tuple[int, ...] | None:
     _, offset, labels, comp_id = best
     # the bounding box of this one component, from its projections on the three axes: find_objects(labels)
     # would build a slice tuple for each of the (early in training, tens of thousands of) components, and the
-    # garbage collector passes that this triggers in a training process took ~1 s per call
+    # garbage collector passes that this triggers in a training process made each call slow (results/history.md,
+    # "Second pass", item 4)
     component = labels == comp_id
     box = tuple(_span(component.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3))
     region = component[box]
@@ -159,8 +162,8 @@ def _block_counts(pool: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if blocks * _BLOCK != n:
         pool = torch.cat([pool, pool.new_zeros(batch, blocks * _BLOCK - n)], dim=1)
     pool = pool.view(batch, blocks, _BLOCK)
-    # summed as uint8 into int32 (at most _BLOCK per block): a bool sum converts every voxel to int64 first
-    # (9 ms against 0.4 ms on a 2 x 128^3 batch here)
+    # summed as uint8 into int32 (at most _BLOCK per block): a bool sum converts every voxel to int64 first,
+    # many times slower (results/history.md, "Numbers moved out of code comments")
     return pool, pool.view(torch.uint8).sum(dim=2, dtype=torch.int32).cumsum(dim=1, dtype=torch.int64)
 
 

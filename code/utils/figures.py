@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-__all__ = ["FigurePanel", "FigureCase", "pick_slices", "dice", "save_segmentation_figure"]
+__all__ = ["FigurePanel", "FigureCase", "pick_slices", "save_segmentation_figure"]
 
 _FILL = ("#e6550d", "#3182bd", "#31a354", "#756bb1", "#de2d26", "#636363")
 _REFERENCE_FILL = "#fdd835"
@@ -41,15 +41,6 @@ class FigureCase:
     image: np.ndarray
     reference: np.ndarray
     panels: list = field(default_factory=list)
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Dice of two binary masks of the same shape; 1.0 when both are empty."""
-    a, b = np.asarray(a) > 0, np.asarray(b) > 0
-    if a.shape != b.shape:
-        raise ValueError(f"dice: shapes differ, {a.shape} vs {b.shape}")
-    denom = int(a.sum()) + int(b.sum())
-    return 1.0 if denom == 0 else 2.0 * int((a & b).sum()) / denom
 
 
 def pick_slices(reference: np.ndarray, n: int) -> list[int]:

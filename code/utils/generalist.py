@@ -58,6 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from utils.clicks import accumulate_clicks, next_clicks
+from utils.runtime import autocast
 
 __all__ = ["GeneralistBranch", "ImageEmbedding", "PseudoLabels", "GeneralistStats", "pseudo_label", "sam_znorm",
            "PROMPTS", "GEOMETRIES", "TIMER_SECTIONS"]
@@ -284,9 +285,7 @@ class GeneralistBranch:
 
     # -- SAM's predictor split ------------------------------------------------------------------
     def _autocast(self, device: torch.device):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=device.type, dtype=self.amp_dtype)
+        return autocast(device, self.amp_dtype)
 
     def encode(self, images: torch.Tensor) -> list[ImageEmbedding]:
         """images (B, 1, X, Y, Z) -> one ``ImageEmbedding`` per model (SAM normalisation, geometry, image

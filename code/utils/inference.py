@@ -23,9 +23,9 @@ from dataloaders.la_heart import load_case
 from networks.vnet import VNet, vnet_config_from_state_dict
 from utils.bf16 import native_cpu_bf16
 from utils.errors import CheckpointError, ConfigError, MissingFileError
+from utils.io import TRAIN_STATE_FORMAT, compare_state_dict, read_checkpoint, strip_wrapper_prefixes
 from utils.metrics import calculate_metric_percase
-
-TRAIN_STATE_FORMAT = "semisam_train_state"
+from utils.runtime import autocast
 
 # CheckpointError (utils.errors, a ValueError): a checkpoint file that cannot be turned into a VNet (wrong format
 # or keys); imported here, where it is raised, so ``from utils.inference import CheckpointError`` keeps working
@@ -54,12 +54,6 @@ def _pad_widths(shape: Sequence[int], patch: Sequence[int]) -> list[tuple[int, i
         total = max(p - s, 0)
         widths.append((total // 2, total - total // 2))
     return widths
-
-
-def _autocast(device: torch.device, amp_dtype):
-    if amp_dtype is None:
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=amp_dtype)
 
 
 def _check_net_device(net: torch.nn.Module, device: torch.device) -> None:
@@ -136,10 +130,10 @@ def fuse_conv_relu(net: torch.nn.Module) -> torch.nn.Module:
     """In place: in every ``Sequential``, a Conv3d / ConvTranspose3d followed by a ReLU (with an Identity left
     by :func:`fold_batchnorm` in between, or not) becomes one :class:`_ConvReLU`; the ReLU slot becomes an
     Identity. The same outputs up to float rounding: oneDNN may choose another kernel for the fused op (on the
-    project's CPU bit-identical for 112x112x80 windows, 1-2 ulp apart at 32x32x16; tested to 1e-6). A V-Net
-    forward of 4 windows 112x112x80 was 1-3 % (fp32) and 5-6 % (bf16) faster. For eval-mode copies used
-    without autocast (the fused ops do not autocast: convert the copy to the wanted dtype instead).
-    Returns ``net``."""
+    project's CPU bit-identical for 112x112x80 windows, 1-2 ulp apart at 32x32x16; tested to 1e-6). It makes
+    CPU inference faster (results/history.md, "Third CPU pass", "Where the misses stand", and "Numbers moved
+    out of code comments"). For eval-mode copies used without autocast (the fused ops do not autocast:
+    convert the copy to the wanted dtype instead). Returns ``net``."""
     for seq in net.modules():
         if not isinstance(seq, torch.nn.Sequential):
             continue
@@ -153,9 +147,9 @@ def fuse_conv_relu(net: torch.nn.Module) -> torch.nn.Module:
     return net
 
 
-# devices where channels_last_3d made the V-Net faster, measured by our benchmarks: CPU (oneDNN; a mean-teacher
-# step 1.3x, inference of an LA volume 1.32x fp32 / 1.40x bf16) and CUDA (H100 with cuDNN: a mean-teacher step
-# at 128^3 1.8x in fp32, 2.0x in bf16; its no-grad teacher forward 1.7x), results/README.md
+# devices where channels_last_3d made the V-Net faster, training steps and inference alike, measured by our
+# benchmarks: CPU (oneDNN; results/history.md, "Second pass", item 1, and results/README.md, "Fourth CPU
+# pass") and CUDA (an H100 with cuDNN; results/history.md, "First GPU pass", item 1)
 CHANNELS_LAST_DEVICES = ("cpu", "cuda")
 
 
@@ -181,8 +175,8 @@ def _memory_format(net: torch.nn.Module, channels_last: bool):
     The layout is judged by the strides, not ``is_contiguous(memory_format=...)``: a weight with one input
     channel (the V-Net's first conv, (F, 1, 3, 3, 3)) passes that test for both layouts, and a loaded checkpoint
     leaves it with contiguous strides. With such a weight and a one-channel input (which passes it too),
-    oneDNN ran the whole V-Net forward slower on this project's CPU: 4 windows 112x112x80 0.82 vs 0.77 s fp32,
-    0.46 vs 0.39 s bf16 (results/README.md)."""
+    oneDNN ran the whole V-Net forward slower on this project's CPU (results/README.md, "Fourth CPU pass",
+    item 1)."""
     fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
     weights = [p for p in net.parameters() if p.dim() == 5]
     restore = {p: p.stride() for p in weights if p.stride() != canonical_strides(p.shape, fmt)}
@@ -218,9 +212,10 @@ def sliding_window_predict(net: torch.nn.Module, image, patch_size=(112, 112, 80
             layout is restored afterwards); None = ``channels_last_default(device)`` (on for CPU and
             CUDA, where it was measured faster).
         fold_bn: run a copy of the net with its eval-mode BatchNorm folded into the convolutions
-            (``fold_batchnorm``: same scores up to rounding, ~10 % faster) and, on CPU, each conv + ReLU as
-            one oneDNN call (``fuse_conv_relu``: same scores up to rounding, another 6-7 %; in bf16 only on
-            CPUs with native bfloat16, ``utils.bf16.native_cpu_bf16``).
+            (``fold_batchnorm``: same scores up to rounding, one pass over each activation fewer) and, on CPU,
+            each conv + ReLU as one oneDNN call (``fuse_conv_relu``: same scores up to rounding; in bf16 only on
+            CPUs with native bfloat16, ``utils.bf16.native_cpu_bf16``); both faster, measured in
+            results/history.md ("Second pass", "Inference"; "Third CPU pass").
         timer: optional ``timer(name)`` context-manager factory (e.g. ``training.timing.SectionTimer``) that
             gets the parts of the call: 'prepare' (the folded copy and its layout), 'windows' (cutting and
             stacking), 'forward' (the network calls), 'accumulate' (softmax and window sums), 'finish'
@@ -277,7 +272,7 @@ def sliding_window_predict(net: torch.nn.Module, image, patch_size=(112, 112, 80
                 with timer("windows"):
                     batch = torch.stack([source[x:x + px, y:y + py, z:z + pz] for x, y, z in chunk]).unsqueeze(1)
                     batch = batch.contiguous(memory_format=fmt)
-                with timer("forward"), _autocast(device, autocast_dtype):
+                with timer("forward"), autocast(device, autocast_dtype):
                     logits = run(batch)
                 if logits.shape[1] != num_classes:
                     raise ValueError(f"the network outputs {logits.shape[1]} classes but num_classes={num_classes}")
@@ -292,7 +287,8 @@ def sliding_window_predict(net: torch.nn.Module, image, patch_size=(112, 112, 80
 
     with timer("finish"):
         score /= count
-        # max(dim).indices: the same first-maximum index as argmax, ~15x faster over a leading dim of 2 on CPU
+        # max(dim).indices: the same first-maximum index as argmax, much faster over a short leading dim on CPU
+        # (results/history.md, "Third CPU pass", item 2 of what changed)
         label = score.max(dim=0).indices.to(torch.uint8)
         crop = tuple(slice(lo, lo + s) for (lo, _), s in zip(pads, image.shape))
         return label[crop].cpu().numpy(), score[(slice(None),) + crop].cpu().numpy()
@@ -395,36 +391,10 @@ def evaluate_classes(net: torch.nn.Module, base_dir, cases: Sequence[str], num_c
 
 # ---------------------------------------------------------------------------------------------- loading
 
-def _torch_load(path: Path):
-    # Official iter_N.pth and our train_state.pth hold only tensors and plain containers, so the safe
-    # loader suffices; anything else is refused rather than unpickled.
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - re-raised with the file name
-        raise CheckpointError(f"checkpoint {path} cannot be read with torch.load(weights_only=True): {err}") \
-            from None
-
-
-def _strip_wrapper_prefixes(sd: dict) -> dict:
-    """Drop the key prefixes that DataParallel/DDP ('module.') and torch.compile ('_orig_mod.') add."""
-    sd = dict(sd)
-    for prefix in ("module.", "_orig_mod."):
-        if sd and all(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix):]: v for k, v in sd.items()}
-    return sd
-
-
 def _check_fit(path: Path, net: VNet, sd: dict, config: dict) -> None:
-    expected = net.state_dict()
-    unexpected = [k for k in sd if k not in expected]
-    missing = [k for k in expected if k not in sd]
-    shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
-              for k, v in expected.items() if k in sd and tuple(sd[k].shape) != tuple(v.shape)]
-    if unexpected or missing or shapes:
-        parts = [f"{title} ({len(items)}): {items}" for title, items in
-                 (("unexpected keys", unexpected), ("missing keys", missing), ("shape mismatches", shapes))
-                 if items]
-        raise CheckpointError(f"checkpoint {path} does not fit VNet({config}): " + "; ".join(parts))
+    report = compare_state_dict(net.state_dict(), sd)
+    if report:
+        raise CheckpointError(f"checkpoint {path} does not fit VNet({config}): {report}")
 
 
 def load_specialist(path, n_filters: int | None = None, normalization: str | None = None,
@@ -441,7 +411,9 @@ def load_specialist(path, n_filters: int | None = None, normalization: str | Non
     path = Path(path)
     if not path.is_file():
         raise MissingFileError(f"checkpoint not found: {path}")
-    obj = _torch_load(path)
+    # Official iter_N.pth and our train_state.pth hold only tensors and plain containers, so the safe
+    # loader suffices; anything else is refused rather than unpickled.
+    obj = read_checkpoint(path, error=CheckpointError)
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, expected a state dict "
                               f"or a '{TRAIN_STATE_FORMAT}' file")
@@ -451,10 +423,10 @@ def load_specialist(path, n_filters: int | None = None, normalization: str | Non
                 raise CheckpointError(f"training state {path} lacks the {key!r} entry")
         if "vnet" not in obj["config"]:
             raise CheckpointError(f"training state {path}: config lacks the 'vnet' entry (VNet kwargs)")
-        sd = _strip_wrapper_prefixes(obj["student"])
+        sd = strip_wrapper_prefixes(obj["student"])
         config = dict(obj["config"]["vnet"])
     else:
-        sd = _strip_wrapper_prefixes(obj)
+        sd = strip_wrapper_prefixes(obj)
         try:
             config = vnet_config_from_state_dict(sd)
         except KeyError as err:

@@ -9,7 +9,7 @@ Shapes: B = batch, C = classes (2 for LA), spatial (X, Y, Z).
 - ``predictive_entropy`` / ``uncertainty_masked_mse``: UA-MT's uncertainty map and masked consistency.
 - ``pseudo_label_mse``: SemiSAM's MSE between the student's foreground probability and the SAM pseudo-label.
 - ``confidence_weighted_mse``: SemiSAM+'s per-voxel confidence-weighted MSE. The official code divides the
-  loss by itself (``x / (x + 1e-16)``, DESIGN.md defect 5), which leaves no gradient; this one does not.
+  loss by itself (``x / (x + 1e-16)``, docs/design.md, defect 5), which leaves no gradient; this one does not.
 """
 from __future__ import annotations
 

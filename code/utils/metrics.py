@@ -23,6 +23,25 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
+
+def binary_dice(a, b) -> float:
+    """Dice of two masks of the same shape, binarised as ``!= 0``; 1.0 when both are empty.
+
+    ``a``, ``b``: numpy arrays or torch tensors (any device, any dtype), e.g. label maps (X, Y, Z).
+    """
+    a, b = _binary(a), _binary(b)
+    if a.shape != b.shape:
+        raise ValueError(f"binary_dice: shapes differ, {a.shape} vs {b.shape}")
+    denom = int(a.sum()) + int(b.sum())
+    return 1.0 if denom == 0 else 2.0 * int((a & b).sum()) / denom
+
+
+def _binary(mask) -> np.ndarray:
+    if hasattr(mask, "detach"):               # a torch tensor, possibly on a GPU
+        mask = mask.detach().cpu().numpy()
+    return np.asarray(mask) != 0
+
+
 def _as_spacing(spacing, ndim: int) -> np.ndarray | None:
     if spacing is None:
         return None

@@ -4,9 +4,9 @@ State-dict names, shapes and order equal the official ``Sam3D`` so ``sam_med3d.p
 ``sam_med3d_turbo.pth`` load strictly. See ``image_encoder`` for the attention implementations
 (``set_attention_impl``) and ``checkpoint`` for loading frozen generalists.
 """
-from .build import build_sam3d_from_config, sam3d_config, sam_model_registry3D
+from .build import build_sam3d_from_config, sam3d_config
 from .checkpoint import (CKPT_DIR, arch_to_config, GeneralistCheckpointError, GeneralistCheckpointNotFoundError,
-                         clear_generalist_cache, load_generalist)
+                         clear_generalist_cache, load_generalist, sam_model_registry3D)
 from .common import LayerNorm3d, MLPBlock, set_attention_impl
 from .image_encoder import ImageEncoderViT3D
 from .mask_decoder import MaskDecoder3D

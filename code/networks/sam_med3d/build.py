@@ -1,6 +1,6 @@
 """Builders for SAM-Med3D models: a name registry and a plain-dict config format.
 
-The config format is the golden fixtures' ``config`` (fixtures README 2), JSON-serialisable::
+The config format is the golden fixtures' ``config`` entry (``sam3d_golden_*.pt['config']``), JSON-serialisable::
 
     {"name": "vit_b_ori",                      # optional, used in messages
      "image_encoder": {ImageEncoderViT3D kwargs; norm_layer {"type": "LayerNorm", "eps": 1e-6},
@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import copy
 from functools import partial
-from typing import Any, Callable, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping
 
 from torch import nn
 
@@ -96,6 +96,11 @@ _REGISTRY_CONFIGS: Dict[str, dict] = {
                                   window_size=14, global_attn_indexes=[1, 3], prompt_dim=96, mask_in_chans=16,
                                   num_multimask_outputs=3, iou_head_depth=3, iou_head_hidden_dim=64),
 }
+
+
+def registry_names() -> list[str]:
+    """The registry's entry names, sorted (``checkpoint.sam_model_registry3D`` has a builder for each)."""
+    return sorted(_REGISTRY_CONFIGS)
 
 
 def sam3d_config(name: str) -> dict:
@@ -200,18 +205,3 @@ def build_sam3d_from_config(config: Mapping[str, Any]) -> Sam3D:
                   mask_decoder=MaskDecoder3D(**kwargs["mask_decoder"]))
     model.config = copy.deepcopy(dict(config))
     return model.eval()
-
-
-def _registry_builder(name: str) -> Callable[..., Sam3D]:
-    def build(checkpoint: Optional[str] = None) -> Sam3D:
-        """Build registry entry ``name``; with ``checkpoint`` load it strictly (eval mode, not frozen)."""
-        model = build_sam3d_from_config(sam3d_config(name))
-        if checkpoint is not None:
-            from .checkpoint import load_checkpoint_into
-            load_checkpoint_into(model, checkpoint, arch_label=f"registry entry {name!r}")
-        return model
-    build.__name__ = f"build_sam3d_{name}"
-    return build
-
-
-sam_model_registry3D: Dict[str, Callable[..., Sam3D]] = {name: _registry_builder(name) for name in _REGISTRY_CONFIGS}

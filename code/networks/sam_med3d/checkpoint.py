@@ -11,26 +11,27 @@ Accepted file contents (``torch.load``):
 
 Keys prefixed ``module.`` (DDP) or ``_orig_mod.`` (torch.compile) are stripped. Loading is strict; a
 mismatch raises :class:`GeneralistCheckpointError` listing the missing / unexpected / wrong-shape keys
-and naming the architecture tried.
+and naming the architecture tried. (Reading, prefix stripping and the key report are ``utils.io``'s, shared
+with the V-Net loader.)
+
+``sam_model_registry3D`` lives here, not in ``build``, because its builders take a checkpoint: ``build``
+constructs models and knows no files, so the two modules do not import each other.
 """
 from __future__ import annotations
 
 import json
-import logging
 import os
-import pickle
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
 
 from utils.errors import GeneralistError
+from utils.io import compare_state_dict, read_checkpoint, strip_wrapper_prefixes
 
-from .build import build_sam3d_from_config, config_label, sam3d_config, sam_model_registry3D
+from .build import build_sam3d_from_config, config_label, registry_names, sam3d_config
 from .sam3d import Sam3D
-
-logger = logging.getLogger(__name__)
 
 # The repository's ckpt/ folder (code/networks/sam_med3d/checkpoint.py -> <repo>/ckpt).
 CKPT_DIR = Path(__file__).resolve().parents[3] / "ckpt"
@@ -42,7 +43,6 @@ DOWNLOAD_HINT = (
     f"({CKPT_DIR}), e.g. ckpt/sam_med3d.pth.")
 
 _STATE_DICT_KEYS = ("model_state_dict", "state_dict")
-_STRIP_PREFIXES = ("module.", "_orig_mod.")
 _LIST_LIMIT = 10
 
 Arch = Union[str, Mapping[str, Any], os.PathLike]
@@ -75,25 +75,11 @@ def resolve_checkpoint_path(name_or_path: Union[str, os.PathLike]) -> Path:
         + DOWNLOAD_HINT)
 
 
-def _torch_load(path: Path, allow_pickle: Optional[bool]) -> Any:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        if allow_pickle is False:
-            raise GeneralistCheckpointError(
-                f"{path} holds non-tensor objects (e.g. optimizer state or an argparse Namespace) and cannot be "
-                f"read with weights_only=True; allow_pickle=False forbids unpickling it. Pass allow_pickle=True "
-                f"only for a file you trust. ({str(err).splitlines()[0]})") from err
-        logger.warning(
-            "%s cannot be read with torch.load(weights_only=True) (it holds non-tensor objects such as an "
-            "argparse Namespace); re-reading it with weights_only=False because you named this file. "
-            "Unpickling can run arbitrary code: only do this with checkpoints you trust.", path)
-    except Exception as err:  # noqa: BLE001 - corrupt / not a torch file: report which file
-        raise GeneralistCheckpointError(f"cannot read generalist checkpoint {path}: {err}") from err
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # noqa: BLE001
-        raise GeneralistCheckpointError(f"cannot read generalist checkpoint {path}: {err}") from err
+def _read(path: Path, allow_pickle: Optional[bool]) -> Any:
+    return read_checkpoint(path, allow_pickle=allow_pickle is not False, what="generalist checkpoint",
+                           refusal_hint="; allow_pickle=False forbids unpickling it. Pass allow_pickle=True only "
+                                        "for a file you trust",
+                           error=GeneralistCheckpointError)
 
 
 def extract_state_dict(obj: Any, source: str = "checkpoint") -> Dict[str, torch.Tensor]:
@@ -113,35 +99,17 @@ def extract_state_dict(obj: Any, source: str = "checkpoint") -> Dict[str, torch.
             raise GeneralistCheckpointError(
                 f"{source} is neither a state dict nor a dict with one of {list(_STATE_DICT_KEYS)}; "
                 f"top-level keys: {list(obj)[:_LIST_LIMIT]}")
-    state = dict(obj)
-    for prefix in _STRIP_PREFIXES:
-        if state and all(isinstance(k, str) and k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
-    return state
-
-
-def _listing(title: str, items: list) -> str:
-    more = f", ... ({len(items) - _LIST_LIMIT} more)" if len(items) > _LIST_LIMIT else ""
-    return f"{len(items)} {title}: {', '.join(items[:_LIST_LIMIT])}{more}"
+    return strip_wrapper_prefixes(obj)
 
 
 def load_state_dict_strict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], arch_label: str,
                            source: str) -> None:
     """Strict ``load_state_dict`` with a :class:`GeneralistCheckpointError` listing every kind of mismatch."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    wrong = [f"{k} {list(state[k].shape)} (model {list(v.shape)})" for k, v in expected.items()
-             if k in state and isinstance(state[k], torch.Tensor) and tuple(state[k].shape) != tuple(v.shape)]
-    not_tensor = [k for k in state if k in expected and not isinstance(state[k], torch.Tensor)]
-    if missing or unexpected or wrong or not_tensor:
-        parts = [_listing(t, items) for t, items in (("missing keys", missing), ("unexpected keys", unexpected),
-                                                      ("keys with wrong shapes", wrong),
-                                                      ("non-tensor entries", not_tensor)) if items]
+    report = compare_state_dict(model.state_dict(), state)
+    if report:
         raise GeneralistCheckpointError(
-            f"{source} does not match the SAM-Med3D architecture {arch_label}: " + "; ".join(parts)
-            + ". Pick the architecture the checkpoint was trained with (arch=registry name, config dict or "
-              "JSON config file).")
+            f"{source} does not match the SAM-Med3D architecture {arch_label}: {report}. Pick the architecture "
+            "the checkpoint was trained with (arch=registry name, config dict or JSON config file).")
     model.load_state_dict(state, strict=True)
 
 
@@ -149,7 +117,7 @@ def load_checkpoint_into(model: torch.nn.Module, name_or_path: Union[str, os.Pat
                          allow_pickle: Optional[bool] = None) -> Path:
     """Resolve, read and strictly load a checkpoint into ``model``; returns the resolved path."""
     path = resolve_checkpoint_path(name_or_path)
-    state = extract_state_dict(_torch_load(path, allow_pickle), source=str(path))
+    state = extract_state_dict(_read(path, allow_pickle), source=str(path))
     load_state_dict_strict(model, state, arch_label, source=str(path))
     return path
 
@@ -160,7 +128,7 @@ def _arch_config(arch: Arch) -> Tuple[dict, str, str]:
         cfg = dict(arch)
         return cfg, config_label(cfg), json.dumps(cfg, sort_keys=True, default=str)
     if isinstance(arch, (str, os.PathLike)):
-        if isinstance(arch, str) and arch in sam_model_registry3D:
+        if isinstance(arch, str) and arch in registry_names():
             return sam3d_config(arch), f"registry entry {arch!r}", f"registry:{arch}"
         path = Path(arch).expanduser()
         if path.is_file():
@@ -170,7 +138,7 @@ def _arch_config(arch: Arch) -> Tuple[dict, str, str]:
                 raise GeneralistCheckpointError(f"cannot read SAM-Med3D config JSON {path}: {err}") from err
             return cfg, f"{config_label(cfg)} from {path}", json.dumps(cfg, sort_keys=True)
         raise GeneralistCheckpointError(
-            f"arch {str(arch)!r} is neither a registry name ({sorted(sam_model_registry3D)}) nor an existing "
+            f"arch {str(arch)!r} is neither a registry name ({registry_names()}) nor an existing "
             f"JSON config file")
     raise GeneralistCheckpointError(f"arch must be a registry name, a config dict or a JSON path, got "
                                     f"{type(arch).__name__}")
@@ -226,3 +194,18 @@ def load_generalist(name_or_path: Union[str, os.PathLike], arch: Arch = "vit_b_o
 def clear_generalist_cache() -> None:
     """Forget the models cached by :func:`load_generalist`."""
     _CACHE.clear()
+
+
+def _registry_builder(name: str) -> Callable[..., Sam3D]:
+    def build(checkpoint: Optional[str] = None) -> Sam3D:
+        """Build registry entry ``name``; with ``checkpoint`` load it strictly (eval mode, not frozen)."""
+        model = build_sam3d_from_config(sam3d_config(name))
+        if checkpoint is not None:
+            load_checkpoint_into(model, checkpoint, arch_label=f"registry entry {name!r}")
+        return model
+    build.__name__ = f"build_sam3d_{name}"
+    return build
+
+
+# The official ``sam_model_registry3D``: name -> builder(checkpoint=None).
+sam_model_registry3D: Dict[str, Callable[..., Sam3D]] = {name: _registry_builder(name) for name in registry_names()}

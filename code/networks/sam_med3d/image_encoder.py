@@ -3,15 +3,16 @@
 Shapes use B = batch, S = ``img_size``, p = ``patch_size``, g = S // p (token grid), E = ``embed_dim``,
 h = ``num_heads``, c = E // h (head dim), w = window size.
 
-Two official quirks are kept because real checkpoints were trained with them (fixtures README 6.1/6.2):
+Two official quirks are kept because real checkpoints were trained with them (the golden fixtures, outputs of
+the official code, reproduce only with them):
 
 * decomposed relative position: for query (d, hh, ww) and key (kd, kh, kw) the logit gets
   ``<q[d,hh,ww], R_d[d,kw]> + <q[d,hh,kd], R_h[hh,kw]> + <q[d,hh,kh], R_w[kh,kw]>``, with
   ``R_a[i, j] = rel_pos_a[i - j + n - 1]`` and unscaled q. All three terms are read along the key's
   w axis and the h / w terms read q at *other* positions (the official broadcast
   ``rel_d[:, :, :, :, None, None] + rel_h[:, :, :, None, :, None] + rel_w[:, :, :, None, None, :]``).
-  Note: fixtures README 6.1 calls the d term standard (``R_d[d,kd]``); the golden fixture is only
-  reproduced (to 1e-6) with ``R_d[d,kw]``, so that is what is implemented;
+  Note: the d term looks standard (``R_d[d,kd]``) at first reading of the official code; the golden fixture is
+  only reproduced (to 1e-6) with ``R_d[d,kw]``, so that is what is implemented;
 * windows are zero-padded after ``norm1`` and attended without a mask, so padding tokens are keys and
   values equal to the qkv bias.
 
@@ -41,8 +42,9 @@ class PatchEmbed3D(nn.Module):
     Shapes: ``(B, in_chans, S, S, S) -> (B, g, g, g, E)`` (channels last).
 
     Always float32, also under autocast: oneDNN's bf16 kernel for this one-channel k16 s16 convolution
-    took 430 ms for 2 samples on an AVX-512 CPU against 17 ms in float32 (a quarter of the whole bf16
-    encoder), and the layer is a small share of the encoder's work anyway.
+    was many times slower than float32 on an AVX-512 CPU (a large share of the whole bf16 encoder; measured
+    in results/history.md, "Second pass", item 5), and the layer is a small share of the encoder's work
+    anyway.
     """
 
     def __init__(self, kernel_size: Size3 = (16, 16, 16), stride: Size3 = (16, 16, 16),

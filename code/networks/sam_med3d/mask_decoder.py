@@ -3,7 +3,7 @@
 Shapes use B = prompt batch, C = ``transformer_dim``, g = token grid, M = ``num_multimask_outputs``
 (M + 1 mask tokens), T = 1 + (M + 1) + number of sparse tokens.
 
-Hard-coded as in the official code (fixtures README 5): ``TwoWayTransformer3D(depth=2, embedding_dim=C,
+Hard-coded as in the official code (not configurable there either): ``TwoWayTransformer3D(depth=2, embedding_dim=C,
 mlp_dim=2048, num_heads=8)`` with ReLU and downsample 2 (so C must be divisible by 16), upscaling by
 two stride-2 transposed convs (C -> C/4 -> C/8), hypernetwork MLPs C -> C -> C/8.
 """

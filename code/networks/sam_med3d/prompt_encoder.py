@@ -3,7 +3,7 @@
 Shapes use B = batch, N = points per item, E = ``embed_dim``, g = token grid (``image_embedding_size``),
 I = ``input_image_size`` (the encoder's input size, patch * g) and 4g = the mask prompt size.
 
-Official behaviour kept (fixtures README 6.3-6.5):
+Official behaviour kept (the golden fixtures reproduce only with it):
 
 * the random-Fourier PE produces ``[sin, cos, sin]`` (the sin block is duplicated) from ``E // 3``
   frequencies, so ``E`` must be divisible by 3;

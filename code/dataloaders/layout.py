@@ -1,0 +1,14 @@
+"""The LA data layout on disk (UA-MT's ``data/``), named once for every reader and writer of it::
+
+    <root>/2018LA_Seg_Training Set/<case>/mri_norm2.h5   # image float32 (X,Y,Z), label uint8 {0,1} (X,Y,Z)
+    <root>/train.list, <root>/test.list                  # case names, one per line
+
+No heavy imports, so data writers (phantoms, the raw-data converter) can use it without torch.
+"""
+from __future__ import annotations
+
+__all__ = ["TRAINING_FOLDER", "H5_NAME", "DEFAULT_ROOT"]
+
+TRAINING_FOLDER = "2018LA_Seg_Training Set"    # the folder of case folders under the dataset root
+H5_NAME = "mri_norm2.h5"                      # each case's file inside its folder
+DEFAULT_ROOT = f"../data/{TRAINING_FOLDER}"   # the case folder as the scripts in code/ see it by default
