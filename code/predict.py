@@ -20,6 +20,7 @@ import torch
 
 from dataloaders.prepare import DATASET_JSON, PrepareError, SourceCase, preprocess_case, to_source_grid
 from utils.bf16 import require_native_bf16
+from utils.runtime import resolve_device
 from utils.errors import ConfigError, run_entry
 from utils.inference import (CheckpointError, largest_component_per_class, load_specialist, sliding_window_predict,
                              training_config_beside)
@@ -101,7 +102,7 @@ def main(argv=None) -> list[Path]:
     p.add_argument("--overwrite", action="store_true", help="replace existing predictions")
     p.add_argument("--no_progress", action="store_true")
     args = p.parse_args(argv)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = resolve_device(args.device)
     if args.amp == "bf16":
         require_native_bf16(device)
     settings = dataset_settings(args.dataset)

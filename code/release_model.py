@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from training.state import atomic_save
 from utils.errors import CheckpointError, ConfigError, run_entry
+from utils.io import atomic_save
 from utils.inference import load_specialist
 
 FLOAT16_MAX = float(torch.finfo(torch.float16).max)

@@ -22,6 +22,7 @@ from dataloaders.la_heart import read_list
 from dataloaders.prepare import CASES_DIR
 from predict import dataset_settings
 from utils.bf16 import require_native_bf16
+from utils.runtime import resolve_device
 from utils.errors import run_entry
 from utils.inference import CheckpointError, evaluate_classes, load_specialist, training_config_beside
 
@@ -64,7 +65,7 @@ def main(argv=None) -> dict:
     p.add_argument("--amp", choices=("none", "bf16"), default="none")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     args = p.parse_args(argv)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = resolve_device(args.device)
     if args.amp == "bf16":
         require_native_bf16(device)
     info = dataset_settings(args.dataset)

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -41,9 +40,10 @@ import h5py
 import numpy as np
 import SimpleITK as sitk
 
+from dataloaders.layout import H5_NAME      # the LA file name: a prepared folder is read like LA's
 from utils.errors import DataError
+from utils.io import atomic_write
 
-H5_NAME = "mri_norm2.h5"            # the LA file name: the prepared folder is read like LA's
 CASES_DIR = "cases"
 CASE_JSON = "prepared.json"
 DATASET_JSON = "dataset.json"
@@ -220,18 +220,6 @@ def _fingerprint(case: SourceCase, settings: dict) -> str:
     return h.hexdigest()
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _all_finite(path: Path, img: sitk.Image) -> bool:
     """No NaN or infinity in the image file. SimpleITK's NIfTI reader turns NaN voxels into 0, so NIfTI files
     are checked on nibabel's reading of the stored values."""
@@ -316,8 +304,8 @@ def prepare_case(case: SourceCase, dst: Path, labels: dict, spacing: Sequence[fl
             if out_label is not None:
                 f.create_dataset("label", data=out_label, compression="gzip")
 
-    _atomic_write(folder / H5_NAME, write_h5)
-    _atomic_write(record_path, lambda tmp: tmp.write_text(json.dumps(record, indent=1) + "\n"))
+    atomic_write(folder / H5_NAME, write_h5)
+    atomic_write(record_path, lambda tmp: tmp.write_text(json.dumps(record, indent=1) + "\n"))
     return record
 
 
@@ -372,7 +360,7 @@ def split_test(labeled: Sequence[str], fraction: float, seed: int) -> list[str]:
 
 
 def _write_list(path: Path, names: Sequence[str]) -> None:
-    _atomic_write(path, lambda tmp: tmp.write_text("".join(f"{n}\n" for n in names)))
+    atomic_write(path, lambda tmp: tmp.write_text("".join(f"{n}\n" for n in names)))
 
 
 def prepare_dataset(src, dst, spacing: Optional[Sequence[float]] = None, modality: str = "mri",
@@ -412,7 +400,7 @@ def prepare_dataset(src, dst, spacing: Optional[Sequence[float]] = None, modalit
             "n_labeled_train": len(train_labeled), "n_unlabeled": len(unlabeled), "n_test": len(test),
             "file_ending": meta["file_ending"], "seed": seed, "test_fraction": test_fraction,
             "cases": {k: {kk: v for kk, v in r.items() if kk != "fingerprint"} for k, r in records.items()}}
-    _atomic_write(dst / DATASET_JSON, lambda tmp: tmp.write_text(json.dumps(info, indent=1) + "\n"))
+    atomic_write(dst / DATASET_JSON, lambda tmp: tmp.write_text(json.dumps(info, indent=1) + "\n"))
     return info
 
 
