@@ -72,7 +72,7 @@ def run_args(root_path, train_list, model_dir, exp, *extra, iters=3) -> list[str
     return ["--root_path", str(root_path), "--train_list", str(train_list), "--model_dir", str(model_dir),
             "--exp", exp, "--labeled_num", "2", "--max_iterations", str(iters), "--patch_size", *PATCH,
             "--n_filters", "4", "--num_workers", "0", "--device", "cpu", "--cache", "1", "--progress", "0",
-            "--image_every", "2", "--tune_malloc", "0", *[str(e) for e in extra]]
+            "--image_every", "2", "--tune_malloc", "0", "--threads", "1", *[str(e) for e in extra]]
 
 
 def sam_args(ckpts, cfg_json) -> list[str]:

@@ -60,3 +60,22 @@ def check_bf16_training(patch_size: Iterable[int], device: torch.device,
                 f"weight gradients for inputs of depth {depth}, which V-Net level {level} of patch_size {patch} "
                 f"has (a convolution-kernel defect; see training/amp_check.py). Use a patch depth whose levels avoid "
                 f"{depth} (e.g. 48, 64, 80, 112 or 128) or --amp none.")
+
+
+def check_bf16_validation(device: torch.device) -> None:
+    """Run validation's bf16 inference path (``utils.inference.sliding_window_predict``: on CPU the folded,
+    fused oneDNN copy of the network) once on a tiny V-Net, so that a device that cannot run it stops the run
+    before its first iteration instead of at its first validation. Raises ConfigError; leaves every random
+    stream as it was (the run's trajectory does not depend on whether it validates)."""
+    from networks.vnet import VNet
+    from utils.inference import sliding_window_predict
+    require_native_bf16(device, "--amp bf16 (validation)")
+    devices = [device] if torch.device(device).type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        net = VNet(n_channels=1, n_classes=2, n_filters=2, normalization="batchnorm").to(device)
+        try:
+            sliding_window_predict(net, torch.zeros(16, 16, 16).numpy(), (16, 16, 16), 16, 16,
+                                   amp_dtype=torch.bfloat16, device=device)
+        except RuntimeError as err:
+            raise ConfigError(f"--amp bf16 with --val_every: this device ({device}) cannot run validation's "
+                              f"bfloat16 inference ({str(err).splitlines()[0]}); use --amp none") from None

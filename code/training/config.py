@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from dataloaders.layout import repo_default
 from utils.errors import ConfigError
 from utils.generalist import GEOMETRIES, PROMPTS
 
@@ -132,8 +133,14 @@ class TrainConfig:
     # each level lowers the peak memory of the student's forward + backward, at the price of recomputing it
     # (results/history.md, "Numbers moved out of code comments")
     checkpoint_levels: int = 0
-    tune_malloc: bool = True                  # glibc: keep freed memory for reuse (training.run.tune_malloc)
+    # glibc: keep freed memory for reuse (training.run.tune_malloc). None = auto: only where the machine's
+    # available memory leaves room for what it keeps (training.run.malloc_choice), since the memory it holds
+    # made runs peak above the official code's
+    tune_malloc: Optional[bool] = None
+    threads: int = 0                          # torch CPU threads; 0: the cores left idle by the current load
     resume: Optional[str] = None              # path, or 'auto' -> <snapshot>/train_state.pth
+    # start afresh in a run folder that holds another run's files, moving them to <run>/previous_<UTC time>/
+    overwrite: bool = False
     stop_after: Optional[int] = None          # hidden: stop (and save state) after this many iterations
     # optional validation-based selection
     val_list: Optional[str] = None
@@ -218,10 +225,15 @@ class TrainConfig:
         need(self.val_every >= 0, f"val_every must be >= 0, got {self.val_every}")
         need(self.val_every == 0 or self.val_list is not None, "val_every > 0 needs --val_list")
         need(self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")
+        need(self.threads >= 0, f"threads must be >= 0 (0: the cores left idle by the current load), got {self.threads}")
+        need(not (self.overwrite and self.resume is not None),
+             "--overwrite starts afresh and --resume continues: choose one")
         return self
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+# settings holding one path (besides the generalist checkpoints and a JSON --generalist_arch)
+PATH_FIELDS = ("root_path", "train_list", "dataset", "model_dir", "val_list")
 
 
 def _bool(text: str) -> bool:
@@ -249,7 +261,11 @@ def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
     default (the script's, where it sets one); ``--print_config`` prints the resolved settings and exits."""
     from training.methods import CONSISTENCY_TERMS, GENERALIST_TERMS, SUPERVISED_LOSSES
     p = argparse.ArgumentParser(description="Semi-supervised LA segmentation (SemiSAM / UA-MT family).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                epilog="Default paths name the repository's data/, model/ and ckpt/ folders from "
+                                       "any working directory; paths you give are relative to the working "
+                                       "directory. Interrupting a run (Ctrl-C, SIGTERM) saves a resumable state "
+                                       "and prints the command that continues it.")
     a = p.add_argument
     g = p.add_argument_group("data").add_argument
     g("--root_path", type=str, help="folder of case folders (UA-MT layout)")
@@ -317,9 +333,15 @@ def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
       help="channels_last_3d memory format: 1 | 0 | auto (on for CPU and CUDA)")
     g("--checkpoint_levels", type=int, help="V-Net activation checkpointing: resolution levels recomputed in "
                                            "backward (0 off, 1 full resolution, 2 also half; saves memory)")
-    g("--tune_malloc", type=_bool, help="glibc mallopt: reuse freed memory instead of returning it to the OS")
+    g("--tune_malloc", type=_bool_or_auto,
+      help="glibc mallopt: reuse freed memory instead of returning it to the OS (faster on CPU, holds more "
+           "memory): 1 | 0 | auto (on when MemAvailable leaves room for it; the log says which)")
+    g("--threads", type=int, help="torch CPU threads (0: the cores left idle by the current load)")
     g("--resume", type=str, nargs="?", const="auto",
       help="continue from a train_state.pth (no value: <model_dir>/<exp>/train_state.pth)")
+    g("--overwrite", type=_bool, nargs="?", const=True,
+      help="start afresh in a run folder that holds another run's files: they move to "
+           "<run>/previous_<UTC time>/ (nothing is deleted); without it such a folder is refused")
     g = p.add_argument_group("validation (optional best-model selection)").add_argument
     g("--val_list", type=str, help="validation case list (enables best_model.pth selection)")
     g("--val_every", type=int, help="validate every N iterations (0: never)")
@@ -333,9 +355,17 @@ def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
     if unknown:
         raise KeyError(f"unknown training settings {unknown}; known: {sorted(_FIELDS)}")
     merged.update(defaults or {})
-    if merged["channels_last"] is None:
-        # shown as 'auto' by -h; argparse passes a string default through the flag's type: None again
-        merged["channels_last"] = "auto"
+    for name in ("channels_last", "tune_malloc"):
+        if merged[name] is None:
+            # shown as 'auto' by -h; argparse passes a string default through the flag's type: None again
+            merged[name] = "auto"
+    # default paths are written relative to code/; resolved so that they name the same place from any working
+    # directory (a path given on the command line stays relative to the working directory)
+    for name in PATH_FIELDS:
+        merged[name] = repo_default(merged[name])
+    merged["generalist"] = [repo_default(g) if g != "none" else g for g in merged["generalist"] or []]
+    if str(merged["generalist_arch"]).endswith(".json"):
+        merged["generalist_arch"] = repo_default(merged["generalist_arch"])
     p.set_defaults(**merged)
     return p
 

@@ -38,6 +38,7 @@ bit-identically.
 from __future__ import annotations
 
 import copy
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,8 +50,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from dataloaders.la_heart import (LAHeart, RandomCrop, RandomRotFlip, ToTensor, Compose, TwoStreamBatchSampler,
-                                  check_data_folder, read_list, split_labeled)
+from dataloaders.la_heart import (LAHeart, LADataError, RandomCrop, RandomRotFlip, ToTensor, Compose,
+                                  TwoStreamBatchSampler, check_data_folder, load_case, read_list, split_labeled)
 from networks.vnet import VNet
 from utils import ramps
 from utils.errors import ConfigError, ProjectError
@@ -60,7 +61,8 @@ from utils.runtime import autocast, derived_seed, resolve_device, seed_everythin
 
 from training import distributed as D
 from training import state as S
-from training.amp_check import check_bf16_training
+from training.amp_check import check_bf16_training, check_bf16_validation
+from training.interrupt import StopRequests, TrainingInterrupted, ignore_sigint_in_worker
 from training.config import TrainConfig
 from training.methods import NoisyTeacher, build_method
 from training.parts import LabeledBatch, SetupContext, UnlabeledBatch
@@ -85,6 +87,19 @@ def ema_update(teacher: torch.nn.Module, student: torch.nn.Module, decay: float,
     torch._foreach_mul_(t_params, alpha)
     torch._foreach_add_(t_params, s_params, alpha=1.0 - alpha)
     return alpha
+
+
+def check_validation_cases(cfg: TrainConfig) -> list[str]:
+    """The cases of ``--val_list``, each decoded and checked now (``dataloaders.la_heart.load_case``): a
+    missing or broken validation case stops the run before its first iteration, not at its first validation.
+    Raises LADataError naming the list or the case."""
+    cases = read_list(cfg.val_list)
+    for case in cases:
+        try:
+            load_case(cfg.root_path, case, num_classes=cfg.num_classes)
+        except LADataError as err:
+            raise LADataError(f"--val_list {cfg.val_list}: {err}") from None
+    return cases
 
 
 class _Batches:
@@ -145,6 +160,7 @@ class Trainer:
         self.iteration = 0                   # completed steps
         self.best: Optional[dict] = None     # {'dice', 'iteration'} with validation
         self._last_saved: Optional[int] = None
+        self._pending_validation = False     # resumed from a state saved just before a validation
         self.last_result: Optional[StepResult] = None
 
         if self.device.type == "cuda":
@@ -155,6 +171,8 @@ class Trainer:
         self.amp_dtype = torch.bfloat16 if cfg.amp == "bf16" else None
         if self.amp_dtype is not None:
             check_bf16_training(cfg.patch_size, self.device, self.memory_format)
+            if cfg.val_every:
+                check_bf16_validation(self.device)
 
         self.method = build_method(cfg)
         self.uses_unlabeled = self.method.uses_unlabeled
@@ -187,6 +205,8 @@ class Trainer:
         transform = Compose([RandomRotFlip(), RandomCrop(cfg.patch_size), ToTensor()])
         self.dataset = LAHeart(base_dir=cfg.root_path, list_file=list_file, transform=transform, cache=cfg.cache,
                                withhold_labels=self.unlabeled_idxs, num_classes=cfg.num_classes)
+        if cfg.val_every:
+            check_validation_cases(cfg)
         used = self.labeled_idxs + (self.unlabeled_idxs if self.uses_unlabeled else [])
         if cfg.cache:   # before any worker forks, so the workers share one decoded copy
             self.dataset.preload(used)
@@ -225,7 +245,7 @@ class Trainer:
         """A DataLoader yielding this rank's batches from ``self.sampler``'s current position."""
         keep = None if self.uses_unlabeled else self.cfg.labeled_bs
         return DataLoader(self.dataset, batch_sampler=_Batches(self.sampler, keep), num_workers=self.cfg.num_workers,
-                          pin_memory=self.device.type == "cuda",
+                          pin_memory=self.device.type == "cuda", worker_init_fn=ignore_sigint_in_worker,
                           generator=torch.Generator().manual_seed(derived_seed(self.cfg.seed, self.ctx.rank, 3)))
 
     # ------------------------------------------------------------------------------------ schedules
@@ -331,11 +351,20 @@ class Trainer:
     def state_path(self) -> Path:
         return self.cfg.snapshot_path / TRAIN_STATE_NAME
 
-    def fit(self) -> None:
-        """Train from ``self.iteration`` to ``max_iterations`` (or ``stop_after``), saving as configured."""
+    def fit(self, stop: Optional[StopRequests] = None) -> None:
+        """Train from ``self.iteration`` to ``max_iterations`` (or ``stop_after``), saving as configured.
+
+        ``stop``: the run's signal handlers (``training.interrupt``); when one was received, the loop saves
+        the state at the end of the iteration and raises ``TrainingInterrupted`` (on every rank at the same
+        iteration). The first validation is preceded by a save of the state, so a run whose validation fails
+        can be resumed; that state is marked, and a run resumed from it validates first."""
         cfg = self.cfg
+        stop = stop or StopRequests()
         stop_at = cfg.stop_after if cfg.stop_after is not None else cfg.max_iterations
         self.out.open_files()   # no-op when the entry point opened them after its checks
+        if self._pending_validation:
+            self.validate()
+            self.save_state()
         self.sampler.load_state_dict({"next_batch": self.iteration})
         loader = self.make_loader()
         batches = iter(loader)
@@ -344,19 +373,34 @@ class Trainer:
         self.out.start_progress(self.iteration, stop_at)
         start = time.perf_counter()
         try:
-            while self.iteration < stop_at:
-                with self.timer("data"):
-                    batch = next(batches)
-                result = self.train_step(batch)
-                self.last_result = result
-                self._record(result)
-                done = self.iteration
-                if done % cfg.save_every == 0 or done == cfg.max_iterations:
-                    self.save_checkpoint(self.cfg.snapshot_path / f"iter_{done}.pth")
-                if cfg.val_every and (done % cfg.val_every == 0 or done == cfg.max_iterations):
-                    self.validate()
-                if done % cfg.save_every == 0 or done == stop_at:
-                    self.save_state()
+            with stop.deferring():
+                while self.iteration < stop_at:
+                    with self.timer("data"):
+                        batch = next(batches)
+                    result = self.train_step(batch)
+                    self.last_result = result
+                    self._record(result)
+                    done = self.iteration
+                    if done % cfg.save_every == 0 or done == cfg.max_iterations:
+                        self.save_checkpoint(self.cfg.snapshot_path / f"iter_{done}.pth")
+                    saved_first = False
+                    if cfg.val_every and (done % cfg.val_every == 0 or done == cfg.max_iterations):
+                        if self._last_saved is None:
+                            self.save_state(pending_validation=True)
+                            saved_first = True
+                        self.validate()
+                    if done % cfg.save_every == 0 or done == stop_at or saved_first:
+                        self.save_state()
+                    if D.any_rank_true(stop.requested is not None, self.ctx):
+                        if self._last_saved != self.iteration:
+                            self.save_state()
+                        raise TrainingInterrupted(stop.requested or signal.SIGTERM, self.iteration,
+                                                  self.state_path, saved=True)
+        except TrainingInterrupted as err:
+            if err.iteration is None:    # a second signal, raised in the middle of the iteration
+                raise TrainingInterrupted(err.signum, self.iteration,
+                                          self.state_path if self._last_saved is not None else None) from None
+            raise
         finally:
             del batches   # stops DataLoader workers
         # DDP broadcasts rank 0's BatchNorm buffers before each forward, after which every rank updates them with
@@ -390,8 +434,10 @@ class Trainer:
             atomic_save(self.student.state_dict(), path)
             self.out.info(f"save model to {path}")
 
-    def state_dict(self) -> dict:
-        """The train state (format: ``training.state``); RNG bundles of all ranks (a collective call)."""
+    def state_dict(self, pending_validation: bool = False) -> dict:
+        """The train state (format: ``training.state``); RNG bundles of all ranks (a collective call).
+        ``pending_validation``: saved just before the validation of this iteration (which a resumed run then
+        runs first)."""
         rng = D.gather_objects(S.capture_rng(self.device, self.term_generator), self.ctx)
         config = self.cfg.to_dict()
         config.update(cases=list(self.dataset.cases), world_size=self.ctx.world_size)
@@ -400,11 +446,12 @@ class Trainer:
                 "teacher": self.teacher.state_dict() if self.teacher is not None else None,
                 "optimizer": self.optimizer.state_dict(), "config": config, "rng": rng,
                 "sampler": {**self.sampler.state_dict(), "next_batch": self.iteration},
-                "lr": self.lr_at(max(self.iteration - 1, 0)), "best": self.best}
+                "lr": self.lr_at(max(self.iteration - 1, 0)), "best": self.best,
+                "pending_validation": pending_validation}
 
-    def save_state(self) -> None:
+    def save_state(self, pending_validation: bool = False) -> None:
         """Write train_state.pth atomically (every rank takes part in gathering the RNG states)."""
-        state = self.state_dict()
+        state = self.state_dict(pending_validation)
         if self.ctx.is_main:
             atomic_save(state, self.state_path)
         self._last_saved = self.iteration
@@ -429,6 +476,7 @@ class Trainer:
         self.optimizer.load_state_dict(st["optimizer"])
         self.iteration = int(st["iteration"])
         self.best = st.get("best")
+        self._pending_validation = bool(st.get("pending_validation")) and bool(self.cfg.val_every)
         self._last_saved = self.iteration
         self.sampler.load_state_dict({k: v for k, v in st["sampler"].items() if k != "rank"})
         bundles = st["rng"]

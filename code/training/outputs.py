@@ -10,7 +10,9 @@ shows the run events and a tqdm bar (iteration, loss, ETA) instead of the per-it
 """
 from __future__ import annotations
 
+import datetime
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -19,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from training.config import TrainConfig, write_config_json
+from utils.errors import ConfigError
 
 ITERATION_LEVEL = 15          # between DEBUG and INFO: file only
 LOGGER_NAME = "semisam.train"
@@ -192,8 +195,74 @@ class RunOutput:
         self._handlers.clear()
 
 
-def existing_outputs(snapshot: Path) -> list[str]:
-    """Names of checkpoint files already in ``snapshot`` (to warn before overwriting them)."""
+# ------------------------------------------------------------------------------ another run's files
+RUN_FILES = ("train_state.pth", "best_model.pth", "config.json", "log.txt", "log")   # 'log': TensorBoard events
+PREVIOUS_PREFIX = "previous_"
+
+
+def run_files(snapshot: Path) -> list[Path]:
+    """What a run writes that is already in ``snapshot``: train_state.pth, iter_N.pth, best_model.pth,
+    config.json, log.txt, the TensorBoard folder log/ and unfinished atomic writes; other entries (folders
+    of other experiments nested under this one, earlier ``previous_*`` folders) are not a run's files."""
     if not snapshot.is_dir():
         return []
-    return sorted(p.name for p in snapshot.iterdir() if p.suffix == ".pth")
+    return sorted(p for p in snapshot.iterdir()
+                  if p.name in RUN_FILES or (p.name.startswith("iter_") and p.suffix == ".pth")
+                  or p.name.startswith(".train_state.pth.tmp"))
+
+
+def _names(files: list[Path], limit: int = 6) -> str:
+    names = [p.name + ("/" if p.is_dir() else "") for p in files]
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def check_run_folder(cfg: TrainConfig) -> list[Path]:
+    """Refuse (``ConfigError``) to start a run that would replace another run's files or cannot write its
+    folder; returns the files ``--overwrite`` will move aside. Writes nothing.
+
+    A folder holding a run's files needs ``--resume`` (continue it) or ``--overwrite`` (start afresh, the old
+    files moved to ``previous_<UTC time>/``). ``--resume <state>`` of a run elsewhere may not continue into a
+    folder that holds yet another run's files."""
+    snapshot = cfg.snapshot_path
+    _check_writable(snapshot)
+    found = run_files(snapshot)
+    if not found:
+        return []
+    if cfg.resume is None and not cfg.overwrite:
+        raise ConfigError(f"{snapshot} already holds a run ({_names(found)}); pass --resume to continue it, "
+                          f"--overwrite to start afresh (its files move to {snapshot / (PREVIOUS_PREFIX + '<UTC time>')}/"
+                          f"), or choose another --exp / --model_dir")
+    if cfg.resume not in (None, "auto") and Path(cfg.resume).resolve().parent != snapshot.resolve():
+        raise ConfigError(f"--resume {cfg.resume} would continue that run in {snapshot}, which holds another "
+                          f"run ({_names(found)}); choose another --exp / --model_dir")
+    return found if cfg.overwrite else []
+
+
+def _check_writable(folder: Path) -> None:
+    """``folder``, or the nearest existing folder above it (where it would be created), must be a writable
+    folder; raises ConfigError naming the culprit. Creates nothing."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"cannot create the run folder {folder}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot write the run folder {folder}: {existing} is not writable by this user; "
+                          f"choose another --model_dir")
+
+
+def move_aside(snapshot: Path, files: list[Path]) -> Optional[Path]:
+    """Move ``files`` into ``<snapshot>/previous_<UTC time>/`` (renames within the folder: nothing is copied
+    or deleted); returns that folder (None when ``files`` is empty)."""
+    if not files:
+        return None
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    target = snapshot / f"{PREVIOUS_PREFIX}{stamp}"
+    n = 1
+    while target.exists():             # two --overwrite runs within one second
+        n += 1
+        target = snapshot / f"{PREVIOUS_PREFIX}{stamp}_{n}"
+    target.mkdir()
+    for p in files:
+        p.rename(target / p.name)
+    return target

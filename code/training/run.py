@@ -16,9 +16,11 @@ from typing import Optional, Sequence
 from training import distributed as D
 from training.config import parse_config
 from training.engine import Trainer
-from training.outputs import RunOutput, existing_outputs
+from training.interrupt import StopRequests, TrainingInterrupted, resume_command
+from training.outputs import RunOutput, check_run_folder, move_aside
 from training.timing import Timer, null_timer
 from utils.errors import ProjectError, run_entry
+from utils.runtime import apply_threads, mem_available_bytes
 
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
@@ -38,8 +40,9 @@ def tune_malloc(mmap_threshold: int = _MMAP_THRESHOLD_MAX, trim_threshold: int =
     mmap thresholds keeps blocks up to 32 MiB in the heap; V-Net activations are larger (16 x 112x112x80
     float32 = 64 MiB per sample), so ``disable_mmap`` (M_MMAP_MAX = 0) also serves those from the heap.
     On CPU this made a V-Net step markedly faster (only with disable_mmap; the thresholds alone gained
-    nothing). The price is memory held by fragmentation, most for UA-MT's T passes in one forward;
-    ``--tune_malloc 0`` turns this off. Both measurements: results/history.md, "Numbers moved out of code
+    nothing). The price is memory held by fragmentation, most for UA-MT's T passes in one forward, so
+    runs peaked above the official code's: ``--tune_malloc auto`` (the default) applies it only where the
+    machine's available memory leaves room (:func:`malloc_choice`), ``1`` / ``0`` force it. Both measurements: results/history.md, "Numbers moved out of code
     comments". GPU runs allocate little host memory either way. Returns True if every setting was accepted.
     """
     if not sys.platform.startswith("linux"):
@@ -88,44 +91,100 @@ def restart_with_hugepage_malloc() -> None:
         os.execve(sys.executable, list(sys.orig_argv), env)
 
 
+# --tune_malloc auto: on only where MemAvailable is at least this, about twice the CPU peak of the largest default
+# run (SemiSAM at 128^3, issue 18 item 11), so the memory the tuning keeps cannot push a run past the machine's
+MALLOC_AUTO_MIN_AVAILABLE = 32 * 2**30
+
+
+def malloc_choice(setting: Optional[bool], available: Optional[int] = None) -> tuple[bool, str]:
+    """(tune glibc malloc?, why) for ``--tune_malloc`` 1 / 0 / auto (None). Auto: on when the machine's
+    available memory (``/proc/meminfo`` MemAvailable, or ``available`` bytes) is at least
+    :data:`MALLOC_AUTO_MIN_AVAILABLE`, off otherwise and where it is unknown: the tuning keeps freed memory, so
+    a run peaks higher than the official code's, which must not decide whether it fits a small machine."""
+    if setting is not None:
+        return bool(setting), f"--tune_malloc {int(bool(setting))}"
+    available = mem_available_bytes() if available is None else available
+    limit = MALLOC_AUTO_MIN_AVAILABLE / 2**30
+    if available is None:
+        return False, f"--tune_malloc auto: MemAvailable unknown, off (on from {limit:.0f} GiB available)"
+    on = available >= MALLOC_AUTO_MIN_AVAILABLE
+    return on, (f"--tune_malloc auto: MemAvailable {available / 2**30:.1f} GiB {'>=' if on else '<'} "
+                f"{limit:.0f} GiB")
+
+
 def run_script(defaults: dict) -> Trainer:
     """What the ``train_LA_*.py`` scripts run: :func:`restart_with_hugepage_malloc` (``SEMISAM_NO_REEXEC=1``
     keeps the process as it is), then ``main(defaults, sys.argv[1:])`` through ``utils.errors.run_entry``: an
     error of the project (bad settings, data, checkpoint, generalist, a non-finite loss) ends the process with
-    one line ``<script>.py: error: <message>`` on stderr and exit status 2."""
+    one line ``<script>.py: error: <message>`` on stderr and exit status 2. A run stopped by SIGINT or SIGTERM
+    (``training.interrupt``) exits with status 128 + the signal number (130, 143) and no traceback, after
+    logging where its resumable state is and the command that continues it."""
     restart_with_hugepage_malloc()
-    return run_entry(lambda: main(defaults, sys.argv[1:]))
+    try:
+        return run_entry(lambda: main(defaults, sys.argv[1:]))
+    except TrainingInterrupted as stop:
+        sys.stdout.flush()
+        raise SystemExit(stop.exit_status) from None
 
 
-def main(defaults: dict, argv: Optional[Sequence[str]] = None, timer: Timer = null_timer) -> Trainer:
+def main(defaults: dict, argv: Optional[Sequence[str]] = None, timer: Timer = null_timer,
+         program: Optional[str] = None) -> Trainer:
     """Parse ``argv`` over ``defaults``, train, return the finished ``Trainer``.
 
     Raises whatever stops the run: a ``ProjectError`` for bad settings, data, checkpoints, generalists or a
-    non-finite loss, anything else for a bug. Settings, data, generalist and a resumed train state are all
-    checked before the run folder is touched, so such a failure leaves an existing run's files as they were
-    and creates none; a failure during training is appended to log.txt (``run stopped: ...``). The last good
-    train_state.pth is never overwritten by a failed step.
+    non-finite loss, ``training.interrupt.TrainingInterrupted`` for SIGINT / SIGTERM, anything else for a bug.
+    Settings, the run folder (another run's files need --resume or --overwrite; it must be writable), data,
+    validation cases, generalists, the bf16 probes and a resumed train state are all checked before the run
+    folder is touched, so such a failure leaves an existing run's files as they were and creates none; a
+    failure during training is appended to log.txt (``run stopped: ...``). The last good train_state.pth is
+    never overwritten by a failed step. ``program`` (default ``sys.argv[0]``) names the script in the resume
+    command an interrupted run logs.
     """
-    cfg = parse_config(defaults, sys.argv[1:] if argv is None else argv)
-    malloc_tuned = tune_malloc() if cfg.tune_malloc else None
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cfg = parse_config(defaults, argv)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    _, threads_line = apply_threads(cfg.threads, share=local_world)    # before any tensor work
+    to_move = check_run_folder(cfg)     # read-only: every rank refuses alike
+    malloc_on, malloc_why = malloc_choice(cfg.tune_malloc)
+    malloc_tuned = tune_malloc() if malloc_on else None
     ctx = D.init_distributed(cfg.device)
     out = RunOutput(cfg, ctx.is_main)
+    stop = StopRequests(allow_second=not ctx.enabled)
     try:
-        out.info(f"settings: {cfg.to_dict()}")
-        if malloc_tuned is False:
-            out.info("mallopt not available (not glibc): default malloc behaviour")
-        if cfg.resume is None and existing_outputs(cfg.snapshot_path):
-            out.warning(f"{cfg.snapshot_path} already holds {existing_outputs(cfg.snapshot_path)}; "
-                        f"they will be overwritten")
-        trainer = Trainer(cfg, ctx, out, timer)
-        if cfg.resume is not None:
-            trainer.load_state(trainer.state_path if cfg.resume == "auto" else cfg.resume)
-        out.open_files()   # every input checked: from here on the run writes
-        out.write_config({"cases": list(trainer.dataset.cases),
-                          "labeled_cases": [trainer.dataset.cases[i] for i in trainer.labeled_idxs],
-                          "world_size": ctx.world_size})
-        trainer.fit()
+        with stop.installed():
+            out.info(f"settings: {cfg.to_dict()}")
+            out.info(threads_line)
+            if malloc_tuned is False:
+                out.info(f"glibc malloc tuning asked for ({malloc_why}) but mallopt is not available (not glibc): "
+                         f"default malloc behaviour")
+            else:
+                out.info(f"glibc malloc tuning {'on' if malloc_on else 'off'} ({malloc_why})")
+            trainer = Trainer(cfg, ctx, out, timer)
+            if cfg.resume is not None:
+                trainer.load_state(trainer.state_path if cfg.resume == "auto" else cfg.resume)
+            moved = move_aside(cfg.snapshot_path, to_move) if ctx.is_main else None   # every input checked
+            out.open_files()   # from here on the run writes
+            if moved is not None:
+                out.info(f"--overwrite: the previous run's files ({', '.join(p.name for p in sorted(moved.iterdir()))}) "
+                         f"moved to {moved}")
+            out.write_config({"cases": list(trainer.dataset.cases),
+                              "labeled_cases": [trainer.dataset.cases[i] for i in trainer.labeled_idxs],
+                              "world_size": ctx.world_size})
+            trainer.fit(stop)
         return trainer
+    except TrainingInterrupted as err:
+        if err.saved:
+            out.warning(f"interrupted by {err.signal_name} at iteration {err.iteration}: resumable state saved "
+                        f"to {err.state_path}; continue with: "
+                        f"{resume_command(argv, program, ctx.world_size)}")
+        elif err.iteration is not None:
+            out.warning(f"interrupted by a second {err.signal_name} during iteration {err.iteration + 1}: "
+                        + (f"the last resumable state is {err.state_path}; continue "
+                           f"with: {resume_command(argv, program, ctx.world_size)}" if err.state_path is not None
+                           else "no train state had been saved yet"))
+        else:
+            out.warning(f"interrupted by {err.signal_name} before training started: nothing was written")
+        raise
     except ProjectError as err:
         out.failure(f"run stopped: {err}")
         raise

@@ -17,8 +17,8 @@ import torch
 
 from utils.errors import ConfigError
 
-__all__ = ["DeviceError", "autocast", "cpu_flags", "derived_seed", "loadavg", "machine_info", "resolve_device",
-           "seed_everything"]
+__all__ = ["DeviceError", "apply_threads", "autocast", "cpu_flags", "default_threads", "derived_seed", "loadavg",
+           "machine_info", "mem_available_bytes", "resolve_device", "seed_everything"]
 
 
 class DeviceError(ConfigError):
@@ -82,6 +82,59 @@ def derived_seed(*parts: int) -> int:
     changes every derived stream, so training results and resume bit-identity depend on it staying as is.
     """
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] >> 1)
+
+
+# ----------------------------------------------------------------------------------------------- threads
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS reports one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def default_threads(share: int = 1) -> int:
+    """The cores left idle by the current load (1-minute load average), divided among ``share`` processes
+    (e.g. the ranks of one machine), at least 1.
+
+    On a shared machine, more compute threads than idle cores makes torch's spinning OpenMP threads fight the
+    other processes, and a step becomes many times slower than with fewer threads (results/history.md,
+    "Numbers moved out of code comments"); torch's own default takes every core whatever the load.
+    """
+    cores = usable_cores()
+    try:
+        load = os.getloadavg()[0]
+    except (OSError, AttributeError):
+        load = 0.0
+    idle = max(1, min(cores, int(cores - load + 0.5)))
+    return max(1, idle // max(1, int(share)))
+
+
+def apply_threads(requested: Optional[int], share: int = 1) -> tuple[int, str]:
+    """Set torch's intra-op thread count to ``requested`` (>= 1), or with None / 0 to
+    :func:`default_threads`; returns (threads, a phrase saying how they were chosen) for the log. Call it
+    before any tensor work: torch's thread pool keeps the count it first starts with on some builds."""
+    if requested is not None and int(requested) < 0:
+        raise ConfigError(f"--threads must be >= 0 (0: the cores left idle by the current load), got {requested}")
+    if requested:
+        threads, how = int(requested), "--threads"
+    else:
+        threads = default_threads(share)
+        how = (f"the cores left idle by the load ({usable_cores()} usable, 1-minute load average "
+               f"{(loadavg() or ['?'])[0]}" + (f", shared by {share} processes" if share > 1 else "") + ")")
+    torch.set_num_threads(threads)
+    return threads, f"{threads} torch thread(s): {how}"
+
+
+# ----------------------------------------------------------------------------------------------- memory
+def mem_available_bytes(meminfo: str = "/proc/meminfo") -> Optional[int]:
+    """The kernel's estimate of memory available to new work without swapping (MemAvailable), or None where
+    ``/proc/meminfo`` does not report it (not Linux, old kernels)."""
+    try:
+        for line in Path(meminfo).read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                value, unit = line.split(":", 1)[1].split()[:2]
+                return int(value) * (1024 if unit.lower() == "kb" else 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 # ----------------------------------------------------------------------------------------------- machine
