@@ -12,7 +12,7 @@ import argparse
 import sys
 import time
 
-from dataloaders.layout import TRAINING_FOLDER
+from dataloaders.layout import TRAINING_FOLDER, repo_default
 from dataloaders.phantoms import DEFAULT_SIZE, write_phantom_dataset
 from utils.errors import run_entry
 
@@ -25,7 +25,7 @@ SEED = 0
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=OUT, help="dataset folder to create (default %(default)s)")
+    parser.add_argument("--out", default=repo_default(OUT), help="dataset folder to create (default %(default)s)")
     parser.add_argument("--n_train", type=int, default=N_TRAIN, help="cases in train.list (default %(default)s)")
     parser.add_argument("--n_test", type=int, default=N_TEST, help="cases in test.list (default %(default)s)")
     parser.add_argument("--size", type=int, nargs=3, default=list(SIZE), metavar=("X", "Y", "Z"),

@@ -21,6 +21,7 @@ import torch
 from dataloaders.prepare import DATASET_JSON, PrepareError, SourceCase, preprocess_case, to_source_grid
 from utils.bf16 import require_native_bf16
 from utils.runtime import resolve_device
+from utils.cli import HelpFormatter, add_threads_flag, apply_threads_flag
 from utils.errors import ConfigError, run_entry
 from utils.inference import (CheckpointError, largest_component_per_class, load_specialist, sliding_window_predict,
                              training_config_beside)
@@ -83,8 +84,7 @@ def predict_case(net, case: str, image_path: Path, settings: dict, patch_size, s
 
 
 def main(argv=None) -> list[Path]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--model_path", required=True, help="student checkpoint (iter_N.pth, released .pth or "
                                                         "train_state.pth)")
     p.add_argument("--input", required=True, help="a scan, or a folder of scans (.nii.gz / .nii)")
@@ -94,14 +94,16 @@ def main(argv=None) -> list[Path]:
     p.add_argument("--patch_size", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"),
                    help=f"window (default: the training patch from config.json beside the checkpoint, else "
                         f"{' '.join(map(str, PATCH_SIZE))})")
-    p.add_argument("--stride_xy", type=int, default=STRIDE_XY)
-    p.add_argument("--stride_z", type=int, default=STRIDE_Z)
+    p.add_argument("--stride_xy", type=int, default=STRIDE_XY, help="sliding-window stride along X and Y")
+    p.add_argument("--stride_z", type=int, default=STRIDE_Z, help="sliding-window stride along Z")
     p.add_argument("--no_lcc", action="store_true", help="keep every component (default: the largest per class)")
-    p.add_argument("--amp", choices=("none", "bf16"), default="none")
+    p.add_argument("--amp", choices=("none", "bf16"), default="none", help="autocast dtype of the forward passes")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--overwrite", action="store_true", help="replace existing predictions")
-    p.add_argument("--no_progress", action="store_true")
+    p.add_argument("--no_progress", action="store_true", help="no progress bar")
+    add_threads_flag(p)
     args = p.parse_args(argv)
+    apply_threads_flag(args.threads)
     device = resolve_device(args.device)
     if args.amp == "bf16":
         require_native_bf16(device)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 
 from dataloaders.prepare import MODALITIES, prepare_dataset
+from utils.cli import HelpFormatter
 from utils.errors import run_entry
 
 SPACING = None          # None: the dataset's median spacing; SAM-Med3D users often take 1.5 1.5 1.5 (mm)
@@ -23,8 +24,7 @@ SEED = 0
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--src", required=True, help="the nnU-Net / Decathlon dataset folder (holds dataset.json)")
     p.add_argument("--dst", required=True, help="the prepared folder to write (train with --root_path <dst>/cases)")
     p.add_argument("--spacing", type=float, nargs=3, default=SPACING, metavar=("X", "Y", "Z"),

@@ -25,6 +25,8 @@ import sys
 
 from networks.sam_med3d import sam_model_registry3D
 from training.pretrain import PretrainConfig, pretrain
+from dataloaders.layout import repo_default
+from utils.cli import HelpFormatter, add_threads_flag, apply_threads_flag
 from utils.errors import run_entry
 
 OUT = "../ckpt/demo_generalist.pth"
@@ -45,11 +47,12 @@ FG_PROB = 0.5
 WORKERS = 0
 LOG_EVERY = 50
 SAVE_EVERY = 500
+THREADS = 0          # torch CPU threads; 0: the cores left idle by the current load
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=OUT, help="checkpoint to write; its config goes to <out>.json (with .pth "
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--out", default=repo_default(OUT), help="checkpoint to write; its config goes to <out>.json (with .pth "
                                               "replaced) (default %(default)s)")
     p.add_argument("--arch", default=ARCH, choices=sorted(sam_model_registry3D),
                    help="registry name of the architecture (default %(default)s)")
@@ -60,14 +63,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", default=None, help="folder of <case>/mri_norm2.h5 to fine-tune on; default: the "
                                                 "synthetic shape corpus")
     p.add_argument("--data_list", default=None, help="list file of --data (default <data>/../train.list)")
-    p.add_argument("--iterations", type=int, default=ITERATIONS)
-    p.add_argument("--batch_size", type=int, default=BATCH_SIZE)
-    p.add_argument("--lr", type=float, default=LR)
-    p.add_argument("--weight_decay", type=float, default=WEIGHT_DECAY)
-    p.add_argument("--lr_schedule", choices=("cosine", "step", "constant"), default=LR_SCHEDULE)
+    p.add_argument("--iterations", type=int, default=ITERATIONS, help="training steps")
+    p.add_argument("--batch_size", type=int, default=BATCH_SIZE, help="samples per step")
+    p.add_argument("--lr", type=float, default=LR, help="AdamW learning rate (after warm-up)")
+    p.add_argument("--weight_decay", type=float, default=WEIGHT_DECAY, help="AdamW weight decay")
+    p.add_argument("--lr_schedule", choices=("cosine", "step", "constant"), default=LR_SCHEDULE,
+                   help="learning-rate schedule after warm-up")
     p.add_argument("--warmup", type=int, default=WARMUP, help="linear warm-up iterations")
     p.add_argument("--clip_grad", type=float, default=CLIP_GRAD, help="max gradient norm, 0 = off")
-    p.add_argument("--seed", type=int, default=SEED)
+    p.add_argument("--seed", type=int, default=SEED, help="seed of every random stream")
     p.add_argument("--device", default=DEVICE, help="cpu, cuda, cuda:1, ...")
     p.add_argument("--num_clicks", type=int, default=NUM_CLICKS, help="prompt steps per sample")
     p.add_argument("--no_mask_prob", type=float, default=NO_MASK_PROB,
@@ -78,8 +82,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--fg_prob", type=float, default=FG_PROB,
                    help="--data crops: probability that a crop contains foreground")
     p.add_argument("--workers", type=int, default=WORKERS, help="DataLoader worker processes")
-    p.add_argument("--log_every", type=int, default=LOG_EVERY)
-    p.add_argument("--save_every", type=int, default=SAVE_EVERY)
+    p.add_argument("--log_every", type=int, default=LOG_EVERY, help="log a loss line every N iterations")
+    p.add_argument("--save_every", type=int, default=SAVE_EVERY, help="write the checkpoint every N iterations")
+    add_threads_flag(p, THREADS)
     p.add_argument("--resume", default=None, help="continue the run saved in this checkpoint")
     p.add_argument("--stop_at", type=int, default=None, help="save and stop after this iteration")
     p.add_argument("--no_progress", action="store_true", help="no tqdm progress bar")
@@ -94,9 +99,11 @@ def main(argv=None) -> int:
     args = vars(parse_args(argv))
     print_config = args.pop("print_config")
     args["progress"] = not args.pop("no_progress")
+    threads = args.pop("threads")
     if print_config:
         print(json.dumps(dataclasses.asdict(PretrainConfig(**args)), indent=2, sort_keys=True, default=str))
         return 0
+    apply_threads_flag(threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     result = pretrain(PretrainConfig(**args))
     print(f"saved {result['out']} at iteration {result['iteration']}")

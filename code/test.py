@@ -23,6 +23,7 @@ from dataloaders.prepare import CASES_DIR
 from predict import dataset_settings
 from utils.bf16 import require_native_bf16
 from utils.runtime import resolve_device
+from utils.cli import HelpFormatter, add_threads_flag, apply_threads_flag
 from utils.errors import run_entry
 from utils.inference import CheckpointError, evaluate_classes, load_specialist, training_config_beside
 
@@ -50,8 +51,7 @@ def summarize_classes(records: list[dict], class_names: list[str]) -> dict:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--dataset", required=True, help="a folder written by prepare_dataset.py")
     p.add_argument("--model_path", required=True, help="student checkpoint (iter_N.pth, released .pth, train_state.pth)")
     p.add_argument("--test_list", default=None, help="case list (default <dataset>/test.list)")
@@ -59,12 +59,15 @@ def main(argv=None) -> dict:
     p.add_argument("--patch_size", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"),
                    help=f"window (default: the training patch from config.json beside the checkpoint, else "
                         f"{' '.join(map(str, PATCH_SIZE))})")
-    p.add_argument("--stride_xy", type=int, default=STRIDE_XY)
-    p.add_argument("--stride_z", type=int, default=STRIDE_Z)
-    p.add_argument("--no_post", dest="post_process", action="store_false", help="keep every component")
-    p.add_argument("--amp", choices=("none", "bf16"), default="none")
+    p.add_argument("--stride_xy", type=int, default=STRIDE_XY, help="sliding-window stride along X and Y")
+    p.add_argument("--stride_z", type=int, default=STRIDE_Z, help="sliding-window stride along Z")
+    p.add_argument("--no_post", dest="post_process", action="store_false",
+                   help="keep every component (default: the largest of each class)")
+    p.add_argument("--amp", choices=("none", "bf16"), default="none", help="autocast dtype of the forward passes")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    add_threads_flag(p)
     args = p.parse_args(argv)
+    apply_threads_flag(args.threads)
     device = resolve_device(args.device)
     if args.amp == "bf16":
         require_native_bf16(device)

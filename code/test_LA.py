@@ -1,8 +1,8 @@
 """Evaluate a V-Net specialist on the LA test list (UA-MT's protocol, with the official defects fixed).
 
 Run from code/:
-    python test_LA.py --exp LA/semisam_mt --iteration 6000
-    python test_LA.py --model_path ../model/LA/semisam_mt/train_state.pth --device cuda --amp bf16
+    python test_LA.py --exp LA/SemiSAM_MT --iteration 6000
+    python test_LA.py --model_path ../model/LA/SemiSAM_MT/train_state.pth --device cuda --amp bf16
 
 Protocol (as published for LA): the checkpoint of the last iteration (6000), sliding window 112x112x80
 with stride 18 (X, Y) / 4 (Z), largest-connected-component post-processing, Dice / Jaccard / HD95 / ASD
@@ -27,12 +27,17 @@ import torch
 
 from dataloaders.la_heart import check_data_folder, list_path, load_case, read_list
 from utils.bf16 import require_native_bf16
+from dataloaders.layout import repo_default
+from utils.cli import HelpFormatter, add_threads_flag, apply_threads_flag
 from utils.errors import CheckpointError, run_entry
 from utils.inference import checkpoint_path, evaluate, load_specialist, training_config_beside
 
+# default paths are relative to code/ (resolved by dataloaders.layout.repo_default, so they name the same folders
+# from any working directory); paths given as flags are relative to the working directory
 ROOT_PATH = "../data/2018LA_Seg_Training Set"
 TEST_LIST = None                   # None: <ROOT_PATH>/../test.list
-MODEL_PATH = None                  # explicit checkpoint file; None: ../model/<EXP>/iter_<ITERATION>.pth
+MODEL_DIR = "../model"             # where the training scripts write <exp>/
+MODEL_PATH = None                  # explicit checkpoint file; None: <MODEL_DIR>/<EXP>/iter_<ITERATION>.pth
 EXP = "LA/SemiSAM_MT"               # train_LA_semisam_mt.py's EXP
 ITERATION = 6000                   # or "best" -> best_model.pth
 PATCH_SIZE = None                  # None: the training patch (config.json beside the checkpoint), else DEFAULT_PATCH
@@ -43,11 +48,12 @@ NUM_CLASSES = 2
 POST_PROCESS = True
 SAVE_NII = True
 SPACING = (0.625, 0.625, 0.625)    # mm per voxel; None -> distances in voxels
-OUT_DIR = None                     # None: ../model/prediction/<EXP>_post (or next to MODEL_PATH)
+OUT_DIR = None                     # None: <MODEL_DIR>/prediction/<EXP>_post (or next to MODEL_PATH)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 AMP = "none"                       # "bf16": autocast the forward passes in bfloat16
 WINDOW_BATCH = 4
 MAX_CASES = None                   # evaluate only the first N cases (smoke tests)
+THREADS = 0                        # torch CPU threads; 0: the cores left idle by the current load
 
 METRICS = ("dice", "jaccard", "hd95", "asd")
 
@@ -69,25 +75,30 @@ def _spacing(values):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--root_path", default=ROOT_PATH, help="folder of case folders")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter,
+                                epilog="Default paths name the repository's data/ and model/ folders from any\n"
+                                       "working directory; paths you give are relative to the working directory.")
+    p.add_argument("--root_path", default=repo_default(ROOT_PATH), help="folder of case folders")
     p.add_argument("--test_list", default=TEST_LIST, help="case list (default <root_path>/../test.list)")
     p.add_argument("--model_path", default=MODEL_PATH, help="checkpoint file (overrides --exp/--iteration)")
-    p.add_argument("--exp", default=EXP, help="experiment name: checkpoints in ../model/<exp>/")
+    p.add_argument("--exp", default=EXP, help="experiment name: checkpoints in <model_dir>/<exp>/")
+    p.add_argument("--model_dir", default=repo_default(MODEL_DIR), help="parent folder of the experiments")
     p.add_argument("--iteration", default=str(ITERATION), help="N for iter_N.pth, or 'best' for best_model.pth")
     p.add_argument("--patch_size", type=int, nargs=3, default=None if PATCH_SIZE is None else list(PATCH_SIZE),
                    metavar=("X", "Y", "Z"), help=f"sliding window (default: the training patch from config.json "
                                                  f"beside the checkpoint, else {' '.join(map(str, DEFAULT_PATCH))})")
-    p.add_argument("--stride_xy", type=int, default=STRIDE_XY)
-    p.add_argument("--stride_z", type=int, default=STRIDE_Z)
+    p.add_argument("--stride_xy", type=int, default=STRIDE_XY, help="sliding-window stride along X and Y")
+    p.add_argument("--stride_z", type=int, default=STRIDE_Z, help="sliding-window stride along Z")
     p.add_argument("--no_post", dest="post_process", action="store_false", default=POST_PROCESS,
-                   help="turn off the largest-connected-component post-processing (post_process=%(default)s)")
-    p.add_argument("--no_save_nii", dest="save_nii", action="store_false", default=SAVE_NII)
-    p.add_argument("--out_dir", default=OUT_DIR)
+                   help="turn off the largest-connected-component post-processing (on by default)")
+    p.add_argument("--no_save_nii", dest="save_nii", action="store_false", default=SAVE_NII,
+                   help="write no <case>_pred/_img/_gt.nii.gz (written by default)")
+    p.add_argument("--out_dir", default=OUT_DIR, help="output folder (None: <model_dir>/prediction/<exp>_post, or "
+                                                      "prediction/ beside --model_path)")
     p.add_argument("--device", default=DEVICE, help="cpu, cuda or cuda:N")
-    p.add_argument("--amp", choices=("none", "bf16"), default=AMP)
-    p.add_argument("--window_batch", type=int, default=WINDOW_BATCH)
+    p.add_argument("--amp", choices=("none", "bf16"), default=AMP, help="autocast dtype of the forward passes")
+    p.add_argument("--window_batch", type=int, default=WINDOW_BATCH, help="windows per forward pass")
+    add_threads_flag(p, THREADS)
     p.add_argument("--n_filters", type=int, default=None, help="override the checkpoint's width")
     p.add_argument("--normalization", default=None, choices=("batchnorm", "groupnorm", "instancenorm", "none"),
                    help="override the checkpoint's normalization")
@@ -123,7 +134,7 @@ def resolve_paths(args) -> tuple[Path, Path, Path]:
     if args.model_path:
         ckpt = Path(args.model_path)
     else:
-        ckpt = checkpoint_path(Path("../model") / args.exp, args.iteration)
+        ckpt = checkpoint_path(Path(args.model_dir) / args.exp, args.iteration)
     test_list = Path(args.test_list) if args.test_list else list_path(args.root_path, "test")
     suffix = "_post" if args.post_process else "_nopost"
     if args.out_dir:
@@ -131,7 +142,7 @@ def resolve_paths(args) -> tuple[Path, Path, Path]:
     elif args.model_path:
         out_dir = ckpt.parent / "prediction" / f"{ckpt.stem}{suffix}"
     else:
-        out_dir = Path("../model/prediction") / f"{args.exp}{suffix}"
+        out_dir = Path(args.model_dir) / "prediction" / f"{args.exp}{suffix}"
     return ckpt, test_list, out_dir
 
 
@@ -216,6 +227,7 @@ def main(argv=None) -> dict:
         print(json.dumps(dict(vars(args), model_path=str(ckpt), test_list=str(test_list), out_dir=str(out_dir)),
                          indent=2, sort_keys=True))
         return {}
+    apply_threads_flag(args.threads)
     device = torch.device(args.device)
     if args.amp == "bf16":
         require_native_bf16(device)

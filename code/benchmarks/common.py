@@ -97,11 +97,11 @@ def data_case_dir(root_path: Optional[str], synthetic: bool, scratch: Path) -> t
 
 
 # --------------------------------------------------------------------------------------------- runtime
-def setup_runtime(threads: Optional[int], tune_malloc: bool = True) -> int:
-    """Apply the glibc malloc options the training scripts apply (``training.run.tune_malloc``, unless the
-    run's ``--tune_malloc 0``) and the torch thread count; returns the number of threads."""
-    from training.run import tune_malloc as apply_malloc_options
-    if tune_malloc:
+def setup_runtime(threads: Optional[int], tune_malloc: Optional[bool] = True) -> int:
+    """Apply the glibc malloc options as the training scripts do (``training.run.tune_malloc``; None: their
+    'auto' rule, ``training.run.malloc_choice``) and the torch thread count; returns the number of threads."""
+    from training.run import malloc_choice, tune_malloc as apply_malloc_options
+    if malloc_choice(tune_malloc)[0]:
         apply_malloc_options()
     if threads is not None:
         if threads < 1:

@@ -121,11 +121,13 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, prog: str, *culprit
 
 
 def train_args(world, list_name: str) -> list:
-    """Flags of a tiny CPU run writing into the earlier run's folder (later flags override them)."""
+    """Flags of a tiny CPU run writing into the earlier run's folder (later flags override them). With
+    ``--overwrite``, which may move the earlier run's files aside only once every input has been checked: a
+    refused run leaves them where they are."""
     return ["--root_path", world["base"], "--train_list", world["lists"][list_name],
             "--model_dir", world["root"] / "model", "--exp", "LA/earlier", "--labeled_num", "2",
             "--max_iterations", "2", "--patch_size", "32", "32", "16", "--n_filters", "4", "--num_workers", "0",
-            "--device", "cpu", "--progress", "0", "--tune_malloc", "0"]
+            "--device", "cpu", "--progress", "0", "--tune_malloc", "0", "--threads", "1", "--overwrite"]
 
 
 # row -> (script, list, extra flags (a function of the world), what the message must name); the bad case is
@@ -149,8 +151,20 @@ TRAIN_ROWS = {
         lambda w: ["--generalist", w["sam"], "--generalist_arch", w["sam_json"], "--patch_size", "48", "32", "16"],
         ["--geometry pad", "(48, 32, 16)", "32^3 input", "tiny_sam.pth"]),
     # --resume without a value: the earlier run's own train_state.pth, here not a train state at all
-    "resume_from_a_bad_train_state": ("train_LA_mt.py", "good", lambda w: ["--resume"],
+    "resume_from_a_bad_train_state": ("train_LA_mt.py", "good", lambda w: ["--resume", "--overwrite", "0"],
                                       ["earlier/train_state.pth", "is not a readable train state"]),
+    # issue 18, trap 1: a new run never replaces another run's files
+    "another_run_in_the_folder": ("train_LA_mt.py", "good", lambda w: ["--overwrite", "0"],
+                                  ["LA/earlier already holds a run", "config.json", "train_state.pth",
+                                   "pass --resume", "--overwrite"]),
+    "resume_and_overwrite": ("train_LA_mt.py", "good", lambda w: ["--resume"], ["--overwrite", "--resume",
+                                                                              "choose one"]),
+    # issue 18, trap 2: what the first validation needs is checked before the first iteration
+    "validation_case_missing": ("train_LA_mt.py", "good",
+                                lambda w: ["--val_list", w["lists"]["ghost"], "--val_every", "1"],
+                                ["--val_list", "ghost.list", "'GHOST'", "case folder not found"]),
+    "run_folder_not_writable": ("train_LA_mt.py", "good", lambda w: ["--model_dir", w["vnet"]],
+                                ["vnet.pth is a file, not a folder"]),
     "generalist_with_other_key_names": (
         "train_LA_semisam_plus.py", "good",
         lambda w: ["--generalist", w["renamed"], "--generalist_arch", w["sam_json"], "--num_clicks", "2"],
@@ -174,6 +188,27 @@ def test_test_la_reports_a_bad_case_before_touching_its_output_folder(world):
                       "--patch_size", "32", "32", "16", "--stride_xy", "16", "--stride_z", "8")
     assert_one_line_error(proc, "test_LA.py", "'NANIMG'", "NaN")
     assert snapshot(world["predictions"]) == before
+
+
+@pytest.mark.parametrize("script", ["test_LA.py", "predict.py", "test.py"])
+def test_a_file_that_is_not_a_checkpoint_is_named_as_such(world, tmp_path, script):
+    """Issue 18, trap 9: random bytes as --model_path get one line saying so, not PyTorch's advice to retry
+    with weights_only=False."""
+    junk = tmp_path / "random.pth"
+    junk.write_bytes(np.random.default_rng(0).bytes(4096))
+    args = {"test_LA.py": ["--root_path", world["base"], "--test_list", world["lists"]["good"], "--device", "cpu",
+                           "--out_dir", tmp_path / "out"],
+            "predict.py": ["--input", tmp_path, "--output", tmp_path / "out", "--device", "cpu"],
+            "test.py": ["--dataset", tmp_path, "--device", "cpu"]}[script]
+    if script == "predict.py":
+        (tmp_path / "scan.nii.gz").write_bytes(b"")
+    if script == "test.py":
+        (tmp_path / "dataset.json").write_text(json.dumps({"format": "semisam_prepared_dataset",
+                                                           "class_names": ["background", "x"]}))
+        (tmp_path / "test.list").write_text("C0\n")
+    proc = run_script(script, "--model_path", junk, *args)
+    line = assert_one_line_error(proc, script, "random.pth is not a PyTorch checkpoint")
+    assert "weights_only" not in line and "issue" not in line
 
 
 def test_pretrain_generalist_reports_a_generalist_with_other_key_names(world):

@@ -55,7 +55,7 @@ from dataloaders.shape_corpus import ShapeCorpus
 from utils.clicks import accumulate_clicks, next_clicks
 from utils.errors import ProjectError
 from utils.generalist import sam_znorm
-from utils.io import atomic_save, atomic_write
+from utils.io import atomic_save, atomic_write, check_torch_file
 from utils.runtime import derived_seed
 
 __all__ = ["PretrainError", "PretrainConfig", "CKPT_FORMAT", "config_json_path", "resolve_arch", "build_model",
@@ -362,6 +362,7 @@ def _load_resume(path, cfg: PretrainConfig) -> dict:
     path = Path(path)
     if not path.is_file():
         raise PretrainError(f"--resume {path}: checkpoint not found")
+    check_torch_file(path, "--resume", PretrainError)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means "not our checkpoint"

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from utils.errors import CheckpointError, MissingFileError
-from utils.io import TRAIN_STATE_FORMAT
+from utils.io import TRAIN_STATE_FORMAT, is_torch_file
 
 STATE_VERSION = 1
 
@@ -69,6 +69,9 @@ def load_train_state(path: os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise MissingFileError(f"no train state to resume from: {path} does not exist")
+    if not is_torch_file(path):     # torch.load's own error would advise weights_only=False
+        raise TrainStateError(f"{path} is not a readable train state: not a PyTorch file at all (neither "
+                              f"torch.save's zip format nor its legacy format)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - re-raised with the file name

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = ["TRAIN_STATE_FORMAT", "WRAPPER_PREFIXES", "CheckpointReadError", "KeyReport", "atomic_save", "atomic_write",
-           "compare_state_dict", "read_checkpoint", "strip_wrapper_prefixes"]
+           "check_torch_file", "compare_state_dict", "is_torch_file", "read_checkpoint", "strip_wrapper_prefixes"]
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,37 @@ def atomic_save(obj: Any, path: os.PathLike, serializer: Optional[Callable[[Any,
 
 
 # ----------------------------------------------------------------------------------------------- reading
+# torch.save's legacy (pre-1.6) format starts with the pickled magic number 0x1950a86a20f9469cfc6c (protocol 2)
+_LEGACY_TORCH_HEADER = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
+
+
+def is_torch_file(path: os.PathLike) -> bool:
+    """Whether ``path`` is in one of torch.save's formats: a zip archive holding ``<name>/data.pkl`` (since
+    torch 1.6) or the legacy pickle stream that opens with torch's magic number. Reads the header only. A file
+    that is neither is no checkpoint at all, and torch.load's own error for it (advice to retry with
+    ``weights_only=False``) would mislead."""
+    import zipfile
+    path = Path(path)
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                return any(name.endswith("data.pkl") for name in z.namelist())
+        with open(path, "rb") as f:
+            return f.read(len(_LEGACY_TORCH_HEADER)) == _LEGACY_TORCH_HEADER
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def check_torch_file(path: os.PathLike, what: str = "checkpoint",
+                     error: type[Exception] = CheckpointReadError) -> None:
+    """Raise ``error`` (one line naming the file) when an existing ``path`` is not a PyTorch file at all."""
+    path = Path(path)
+    if path.is_file() and not is_torch_file(path):
+        raise error(f"{what} {path} is not a PyTorch checkpoint (neither torch.save's zip format nor its legacy "
+                    f"format; {path.stat().st_size} bytes): check the path, or whether the download or copy was "
+                    f"cut short")
+
+
 def read_checkpoint(path: os.PathLike, *, allow_pickle: bool = False, what: str = "checkpoint",
                     refusal_hint: str = "", error: type[Exception] = CheckpointReadError) -> Any:
     """``torch.load(path, map_location='cpu', weights_only=True)``, with the file named in every failure.
@@ -102,6 +133,7 @@ def read_checkpoint(path: os.PathLike, *, allow_pickle: bool = False, what: str 
     """
     import torch
     path = Path(path)
+    check_torch_file(path, what, error)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:

@@ -1,0 +1,27 @@
+"""What every entry script's command line shares: the help format and the ``--threads`` flag.
+
+``-h`` shows each flag's default: argparse's ArgumentDefaultsHelpFormatter appends it only to flags that have
+help text, so every flag of every script has some; scripts whose description is a usage example keep its
+line breaks (RawDescriptionHelpFormatter).
+"""
+from __future__ import annotations
+
+import argparse
+
+THREADS_HELP = "torch CPU threads (0: the cores left idle by the current load, as /proc/loadavg reports it)"
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults shown for every flag with help text; the description printed as written."""
+
+
+def add_threads_flag(parser: argparse.ArgumentParser, default: int = 0) -> None:
+    parser.add_argument("--threads", type=int, default=default, help=THREADS_HELP)
+
+
+def apply_threads_flag(threads: int) -> int:
+    """Set torch's thread count from ``--threads`` and say so on stdout (before any tensor work); returns it."""
+    from utils.runtime import apply_threads     # here: scripts that never need torch do not import it for -h
+    n, line = apply_threads(threads)
+    print(line, flush=True)
+    return n
