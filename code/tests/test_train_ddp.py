@@ -56,3 +56,41 @@ def test_two_ranks_stay_in_sync_and_only_rank0_writes(la_root, la_data_dir, tmp_
     assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])  # per-rank random streams
     for k, v in torch.load(out / f"iter_{ITERS}.pth", weights_only=True).items():
         assert torch.equal(v, r0["student"][k])
+
+
+def _stopping_worker(rank, port, argv, result_dir):
+    """Like _worker, but rank 1 alone receives SIGTERM during its second step (as when a scheduler signals one
+    process): every rank must stop after that same iteration and take part in saving the state."""
+    import signal
+    from training.engine import Trainer
+    from training.interrupt import TrainingInterrupted
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    step = Trainer.train_step
+
+    def train_step(self, batch):
+        if rank == 1 and self.iteration == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step(self, batch)
+    Trainer.train_step = train_step
+    from training.run import main
+    try:
+        main(SETTINGS, argv)
+        stopped = None
+    except TrainingInterrupted as err:
+        stopped = {"iteration": err.iteration, "saved": err.saved, "status": err.exit_status}
+    torch.save(stopped, os.path.join(result_dir, f"stop{rank}.pt"))
+
+
+def test_a_signal_on_one_rank_stops_every_rank_at_the_same_iteration(la_root, la_data_dir, tmp_path):
+    sam, cfg_json = write_tiny_sam(tmp_path / "sam")
+    train_list = write_train_list(tmp_path, la_root)
+    argv = run_args(la_data_dir, train_list, tmp_path / "model", "ddp_stop", iters=50) + sam_args([sam], cfg_json)
+    mp.spawn(_stopping_worker, args=(_free_port(), argv, str(tmp_path)), nprocs=WORLD, join=True)
+    r0, r1 = (torch.load(tmp_path / f"stop{r}.pt", weights_only=True) for r in range(WORLD))
+    assert r0 == r1 == {"iteration": 2, "saved": True, "status": 143}
+    state = torch.load(tmp_path / "model" / "ddp_stop" / "train_state.pth", weights_only=True)
+    assert state["iteration"] == 2 and len(state["rng"]) == WORLD
+    log = (tmp_path / "model" / "ddp_stop" / "log.txt").read_text()
+    assert "interrupted by SIGTERM at iteration 2" in log and "torchrun --nproc_per_node=2" in log

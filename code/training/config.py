@@ -36,6 +36,12 @@ sup baseline               batch 4 / labeled_bs 2; the 2    ours (same labeled p
 validation                 off (last checkpoint)            paper protocol; --val_list/--val_every optional
 save_every                 1000                             paper (UA-MT saves iter_N every 1000)
 channels_last / cache      auto (CPU, CUDA) / on            ours (speed; same maths, results/README.md)
+threads                    0: the cores left idle by the    ours (torch's default takes every core, which
+                           1-minute load average            a loaded machine makes many times slower)
+tune_malloc                auto: on when MemAvailable       ours (the tuning keeps freed memory: faster on
+                           >= 32 GiB                        CPU, higher peak; training.run.malloc_choice)
+paths                      ../data, ../model, ../ckpt       relative to code/, from any working directory
+                                                            (dataloaders.layout.repo_default)
 =========================  ===============================  =================================================
 """
 from __future__ import annotations

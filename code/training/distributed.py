@@ -62,6 +62,15 @@ def any_rank_true(flag: bool, ctx: DistContext) -> bool:
     return bool(t.item() > 0)
 
 
+def max_over_ranks(value: int, ctx: DistContext) -> int:
+    """The largest of every rank's ``value`` (the same on every rank)."""
+    if not ctx.enabled:
+        return int(value)
+    t = torch.tensor([int(value)], dtype=torch.int64, device=ctx.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
 def broadcast_buffers(module: torch.nn.Module, ctx: DistContext, src: int = 0) -> None:
     """Copy the module's buffers (BatchNorm running statistics) from rank ``src`` to every rank."""
     if not ctx.enabled:

@@ -38,7 +38,6 @@ bit-identically.
 from __future__ import annotations
 
 import copy
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -391,11 +390,12 @@ class Trainer:
                         self.validate()
                     if done % cfg.save_every == 0 or done == stop_at or saved_first:
                         self.save_state()
-                    if D.any_rank_true(stop.requested is not None, self.ctx):
+                    # every rank learns of a signal any rank received (the largest signal number if several)
+                    signum = D.max_over_ranks(stop.requested or 0, self.ctx)
+                    if signum:
                         if self._last_saved != self.iteration:
                             self.save_state()
-                        raise TrainingInterrupted(stop.requested or signal.SIGTERM, self.iteration,
-                                                  self.state_path, saved=True)
+                        raise TrainingInterrupted(signum, self.iteration, self.state_path, saved=True)
         except TrainingInterrupted as err:
             if err.iteration is None:    # a second signal, raised in the middle of the iteration
                 raise TrainingInterrupted(err.signum, self.iteration,

@@ -1,9 +1,11 @@
 """What a run writes under ``<model_dir>/<exp>/``: log.txt, TensorBoard events (``log/``), config.json, the
 progress bar. Only the main rank writes; on other ranks every method is a no-op.
 
-Nothing is written before :meth:`RunOutput.open_files`: the entry point calls it once the settings, the data,
-the generalist and a resumed train state have been checked, so a run refused for bad input leaves an existing
-run folder as it was. Lines logged before go to the console at once and into log.txt when it opens.
+Nothing is written before :meth:`RunOutput.open_files`: the entry point calls it once the settings, the run
+folder (:func:`check_run_folder`: another run's files need ``--resume`` or ``--overwrite``, which moves them
+to ``previous_<UTC time>/``; the folder must be writable), the data, the generalist and a resumed train state
+have been checked, so a run refused for bad input leaves an existing run folder as it was. Lines logged before
+go to the console at once and into log.txt when it opens.
 
 log.txt gets one line per ``log_every`` iterations (UA-MT logs every iteration) plus run events; the console
 shows the run events and a tqdm bar (iteration, loss, ETA) instead of the per-iteration lines.

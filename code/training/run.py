@@ -3,7 +3,10 @@
     defaults (the script's SETTINGS) < command-line flags -> TrainConfig -> Trainer -> fit
 
 Also works under ``torchrun --nproc_per_node=N train_LA_*.py ...`` (DistributedDataParallel; see
-``training.distributed``).
+``training.distributed``). Before any work: torch's thread count (``--threads``; default the idle cores),
+the glibc malloc tuning (``--tune_malloc``; default auto, :func:`malloc_choice`), both stated in log.txt.
+Exit statuses: 0 done, 2 a ``ProjectError`` (one line on stderr), 130 / 143 stopped by SIGINT / SIGTERM with
+a resumable state (``training.interrupt``).
 """
 from __future__ import annotations
 
@@ -183,7 +186,7 @@ def main(defaults: dict, argv: Optional[Sequence[str]] = None, timer: Timer = nu
                            f"with: {resume_command(argv, program, ctx.world_size)}" if err.state_path is not None
                            else "no train state had been saved yet"))
         else:
-            out.warning(f"interrupted by {err.signal_name} before training started: nothing was written")
+            out.warning(f"interrupted by {err.signal_name} before training started: no train state was saved")
         raise
     except ProjectError as err:
         out.failure(f"run stopped: {err}")

@@ -6,7 +6,9 @@
      'student': state_dict, 'teacher': state_dict | None (no teacher without a specialist consistency),
      'optimizer': state_dict, 'config': TrainConfig.to_dict() (with 'vnet' kwargs, 'patch_size', ...),
      'rng': [per-rank RNG bundle, ...], 'sampler': {'next_batch': int, ...}, 'lr': float,
-     'best': {'dice': float, 'iteration': int} | None}
+     'best': {'dice': float, 'iteration': int} | None,
+     'pending_validation': bool (saved just before a validation, which a run resumed from it runs first;
+                                 absent in older states: False)}
 
 Everything in it is plain Python, tensors or OrderedDicts, so it loads with ``torch.load(weights_only=True)``
 (numpy's Mersenne-Twister key is stored as a tensor for that reason).
