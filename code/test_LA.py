@@ -1,6 +1,6 @@
 """Evaluate a V-Net specialist on the LA test list (UA-MT's protocol, with the official defects fixed).
 
-Run from code/:
+From code/ (or the repository root as python code/test_LA.py; default paths are the same):
     python test_LA.py --exp LA/SemiSAM_MT --iteration 6000
     python test_LA.py --model_path ../model/LA/SemiSAM_MT/train_state.pth --device cuda --amp bf16
 

@@ -1,6 +1,7 @@
 """Mean teacher (Tarvainen & Valpola, 2017) on LA with UA-MT's V-Net, schedules and perturbation.
 
-Run from code/:  python train_LA_mt.py [--flags]   (python train_LA_mt.py -h lists them)
+From code/:  python train_LA_mt.py [--flags]   (-h lists them)
+From the repository root:  python code/train_LA_mt.py [--flags]   (the same default paths)
 """
 from training.run import run_script
 

@@ -3,7 +3,8 @@
 The generalist is prompted only by the student's prediction (the official script clicked on the ground truth
 of the unlabeled scans). Settings below are the official script's: 128^3 patches, 4 labeled cases, batch 4
 with 2 labeled, 10 clicks, ../ckpt/sam_med3d.pth (vit_b_ori); flags override them.
-Run from code/:  python train_LA_semisam_mt.py [--flags]
+From code/:  python train_LA_semisam_mt.py [--flags]   (-h lists them)
+From the repository root:  python code/train_LA_semisam_mt.py [--flags]   (the same default paths)
 """
 from training.run import run_script
 

@@ -4,7 +4,8 @@ code's ``x / (x + 1e-16)``).
 
 Our defaults (the official LA recipe is spread over several scripts): MT specialist, prompt 'unc',
 SAM-Med3D and SAM-Med3D-turbo, 128^3 patches, 4 labeled cases, batch 4 with 2 labeled.
-Run from code/:  python train_LA_semisam_plus.py [--flags]
+From code/:  python train_LA_semisam_plus.py [--flags]   (-h lists them)
+From the repository root:  python code/train_LA_semisam_plus.py [--flags]   (the same default paths)
 """
 from training.run import run_script
 

@@ -2,7 +2,8 @@
 
 Each batch holds LABELED_BS labeled patches (the same number as in the semi-supervised runs); the unlabeled
 rows of the sampler are never loaded nor seen by the network, BatchNorm statistics included.
-Run from code/:  python train_LA_sup.py [--flags]
+From code/:  python train_LA_sup.py [--flags]   (-h lists them)
+From the repository root:  python code/train_LA_sup.py [--flags]   (the same default paths)
 """
 from training.run import run_script
 

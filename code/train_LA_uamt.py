@@ -1,6 +1,7 @@
 """UA-MT (Yu et al., MICCAI 2019) on LA: V-Net mean teacher with uncertainty-aware consistency.
 
-Run from code/:  python train_LA_uamt.py [--flags]   (python train_LA_uamt.py -h lists them)
+From code/:  python train_LA_uamt.py [--flags]   (-h lists them)
+From the repository root:  python code/train_LA_uamt.py [--flags]   (the same default paths)
 Settings below are the defaults of the official UA-MT train_LA.py; flags override them.
 """
 from training.run import run_script
