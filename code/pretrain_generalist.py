@@ -52,8 +52,9 @@ THREADS = 0          # torch CPU threads; 0: the cores left idle by the current 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--out", default=repo_default(OUT), help="checkpoint to write; its config goes to <out>.json (with .pth "
-                                              "replaced) (default %(default)s)")
+    p.add_argument("--out", default=repo_default(OUT),
+                   help="checkpoint to write; its config goes to <out>.json (with .pth replaced) "
+                        "(default %(default)s)")
     p.add_argument("--arch", default=ARCH, choices=sorted(sam_model_registry3D),
                    help="registry name of the architecture (default %(default)s)")
     p.add_argument("--arch_config", default=None, help="JSON architecture config (golden-fixture format); "

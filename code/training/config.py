@@ -231,7 +231,8 @@ class TrainConfig:
         need(self.val_every >= 0, f"val_every must be >= 0, got {self.val_every}")
         need(self.val_every == 0 or self.val_list is not None, "val_every > 0 needs --val_list")
         need(self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")
-        need(self.threads >= 0, f"threads must be >= 0 (0: the cores left idle by the current load), got {self.threads}")
+        need(self.threads >= 0,
+             f"threads must be >= 0 (0: the cores left idle by the current load), got {self.threads}")
         need(not (self.overwrite and self.resume is not None),
              "--overwrite starts afresh and --resume continues: choose one")
         return self

@@ -390,8 +390,9 @@ class Trainer:
                         self.validate()
                     if done % cfg.save_every == 0 or done == stop_at or saved_first:
                         self.save_state()
-                    # every rank learns of a signal any rank received (the largest signal number if several)
-                    signum = D.max_over_ranks(stop.requested or 0, self.ctx)
+                    # every rank learns of a signal any rank received (the largest signal number if several);
+                    # after the last iteration the run is complete and ends as such
+                    signum = D.max_over_ranks(stop.requested or 0, self.ctx) if done < stop_at else 0
                     if signum:
                         if self._last_saved != self.iteration:
                             self.save_state()

@@ -231,9 +231,10 @@ def check_run_folder(cfg: TrainConfig) -> list[Path]:
     if not found:
         return []
     if cfg.resume is None and not cfg.overwrite:
+        aside = snapshot / f"{PREVIOUS_PREFIX}<UTC time>"
         raise ConfigError(f"{snapshot} already holds a run ({_names(found)}); pass --resume to continue it, "
-                          f"--overwrite to start afresh (its files move to {snapshot / (PREVIOUS_PREFIX + '<UTC time>')}/"
-                          f"), or choose another --exp / --model_dir")
+                          f"--overwrite to start afresh (its files move to {aside}/), or choose another --exp / "
+                          f"--model_dir")
     if cfg.resume not in (None, "auto") and Path(cfg.resume).resolve().parent != snapshot.resolve():
         raise ConfigError(f"--resume {cfg.resume} would continue that run in {snapshot}, which holds another "
                           f"run ({_names(found)}); choose another --exp / --model_dir")

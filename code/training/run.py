@@ -45,8 +45,8 @@ def tune_malloc(mmap_threshold: int = _MMAP_THRESHOLD_MAX, trim_threshold: int =
     On CPU this made a V-Net step markedly faster (only with disable_mmap; the thresholds alone gained
     nothing). The price is memory held by fragmentation, most for UA-MT's T passes in one forward, so
     runs peaked above the official code's: ``--tune_malloc auto`` (the default) applies it only where the
-    machine's available memory leaves room (:func:`malloc_choice`), ``1`` / ``0`` force it. Both measurements: results/history.md, "Numbers moved out of code
-    comments". GPU runs allocate little host memory either way. Returns True if every setting was accepted.
+    machine's available memory leaves room (:func:`malloc_choice`), ``1`` / ``0`` force it. Both
+    measurements: results/history.md, "Numbers moved out of code comments". GPU runs allocate little host memory either way. Returns True if every setting was accepted.
     """
     if not sys.platform.startswith("linux"):
         return False
@@ -95,7 +95,8 @@ def restart_with_hugepage_malloc() -> None:
 
 
 # --tune_malloc auto: on only where MemAvailable is at least this, about twice the CPU peak of the largest default
-# run (SemiSAM at 128^3, issue 18 item 11), so the memory the tuning keeps cannot push a run past the machine's
+# run (SemiSAM at 128^3, issue 18 item 11), so that the memory the tuning keeps cannot be what pushes a run past
+# the machine's memory; a simple rule, stated in log.txt
 MALLOC_AUTO_MIN_AVAILABLE = 32 * 2**30
 
 
@@ -168,8 +169,8 @@ def main(defaults: dict, argv: Optional[Sequence[str]] = None, timer: Timer = nu
             moved = move_aside(cfg.snapshot_path, to_move) if ctx.is_main else None   # every input checked
             out.open_files()   # from here on the run writes
             if moved is not None:
-                out.info(f"--overwrite: the previous run's files ({', '.join(p.name for p in sorted(moved.iterdir()))}) "
-                         f"moved to {moved}")
+                names = ", ".join(p.name for p in sorted(moved.iterdir()))
+                out.info(f"--overwrite: the previous run's files ({names}) moved to {moved}")
             out.write_config({"cases": list(trainer.dataset.cases),
                               "labeled_cases": [trainer.dataset.cases[i] for i in trainer.labeled_idxs],
                               "world_size": ctx.world_size})
