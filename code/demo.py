@@ -361,6 +361,9 @@ def train_settings(s: dict, data: dict, out: Path, device: str, progress: bool) 
                 num_workers=0, cache=data["kind"] == "phantoms", model_dir=str(out), save_every=s["iterations"],
                 image_every=10 ** 9, log_every=1, progress=progress, max_iterations=s["iterations"],
                 base_lr=s["base_lr"], seed=s["seed"], n_filters=s["n_filters"], device=device,
+                # the demo owns its run folders (a rerun retrains: the old files move to previous_<time>/) and
+                # has chosen the thread count already (training would otherwise choose again from the load)
+                overwrite=True, threads=torch.get_num_threads(),
                 **schedule(s["iterations"]))
 
 

@@ -207,7 +207,7 @@ def test_a_file_that_is_not_a_checkpoint_is_named_as_such(world, tmp_path, scrip
                                                            "class_names": ["background", "x"]}))
         (tmp_path / "test.list").write_text("C0\n")
     proc = run_script(script, "--model_path", junk, *args)
-    line = assert_one_line_error(proc, script, "random.pth is not a PyTorch checkpoint")
+    line = assert_one_line_error(proc, script, "random.pth: it is not a PyTorch checkpoint")
     assert "weights_only" not in line and "issue" not in line
 
 

@@ -116,9 +116,9 @@ def check_torch_file(path: os.PathLike, what: str = "checkpoint",
     """Raise ``error`` (one line naming the file) when an existing ``path`` is not a PyTorch file at all."""
     path = Path(path)
     if path.is_file() and not is_torch_file(path):
-        raise error(f"{what} {path} is not a PyTorch checkpoint (neither torch.save's zip format nor its legacy "
-                    f"format; {path.stat().st_size} bytes): check the path, or whether the download or copy was "
-                    f"cut short")
+        raise error(f"cannot read {what} {path}: it is not a PyTorch checkpoint (neither torch.save's zip format "
+                    f"nor its legacy format; {path.stat().st_size} bytes): check the path, or whether the download "
+                    f"or copy was cut short")
 
 
 def read_checkpoint(path: os.PathLike, *, allow_pickle: bool = False, what: str = "checkpoint",
