@@ -31,7 +31,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -41,7 +40,7 @@ import torch
 
 from dataloaders.layout import H5_NAME, TRAINING_FOLDER
 from utils.report import markdown_table, text_table
-from utils.runtime import loadavg, machine_info, resolve_device
+from utils.runtime import default_threads, loadavg, machine_info, resolve_device
 
 # ----------------------------------------------------------------------------------------- settings
 DATA_ROOT = "../data"            # real LA: <DATA_ROOT>/2018LA_Seg_Training Set + train.list + test.list
@@ -181,20 +180,9 @@ def settings_from(args: argparse.Namespace) -> dict:
 
 
 def choose_threads(requested: int) -> int:
-    """``requested``, or (0) the cores not busy according to the 1-minute load average, at least 1.
-
-    On a shared machine, more compute threads than idle cores makes torch's spinning OpenMP threads fight the
-    other processes, and a step becomes many times slower than with fewer threads (results/history.md,
-    "Numbers moved out of code comments").
-    """
-    if requested > 0:
-        return requested
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        load = os.getloadavg()[0]
-    except OSError:
-        load = 0.0
-    return max(1, min(cores, int(cores - load + 0.5)))
+    """``requested``, or (0) the cores left idle by the current load (``utils.runtime.default_threads``, the
+    rule every script's ``--threads 0`` follows)."""
+    return requested if requested > 0 else default_threads()
 
 
 # ----------------------------------------------------------------------------------------- 1. data
