@@ -188,10 +188,6 @@ class TrainConfig:
              f"labeled_bs must be in [1, batch_size={self.batch_size}], got {self.labeled_bs}")
         need(self.labeled_num >= 1, f"labeled_num must be >= 1, got {self.labeled_num}")
         need(self.num_classes >= 2, f"num_classes must be >= 2 (background and one class), got {self.num_classes}")
-        need(self.num_classes == 2 or self.generalist_term == "none",
-             f"generalist term {self.generalist_term!r}: prompting the generalist once per class of a "
-             f"{self.num_classes}-class dataset is not implemented yet; use --generalist none (MT / UA-MT / "
-             f"supervised train with any number of classes)")
         need(self.max_iterations >= 1, f"max_iterations must be >= 1, got {self.max_iterations}")
         need(self.stop_after is None or 1 <= self.stop_after <= self.max_iterations,
              f"stop_after must be in [1, max_iterations={self.max_iterations}], got {self.stop_after}")
