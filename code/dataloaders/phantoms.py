@@ -43,7 +43,8 @@ from utils.progress import Progress
 
 __all__ = [
     "DEFAULT_SIZE", "REFERENCE_SIZE", "PhantomError", "Phantom", "case_name",
-    "case_rng", "make_phantom", "phantom_case", "write_phantom_dataset", "ensure_phantom_dataset", "smooth_field", "random_rotation",
+    "case_rng", "make_phantom", "phantom_case", "write_phantom_dataset", "ensure_phantom_dataset", "MANIFEST",
+    "smooth_field", "random_rotation",
     "ellipsoid_radius", "bezier", "tube_sdf",
 ]
 

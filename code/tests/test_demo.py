@@ -221,7 +221,7 @@ def test_settings_presets_flags_and_errors():
     quick = demo.settings_from(demo.parse_args(["--quick", "--iterations", "5"]))
     assert quick["iterations"] == 5 and quick["patch_size"] == (32, 32, 32)
     full = demo.settings_from(demo.parse_args(["--patch_size", "48", "48", "32"]))
-    assert full["patch_size"] == (48, 48, 32) and full["iterations"] == demo.ITERATIONS
+    assert full["patch_size"] == (48, 48, 32) and full["iterations"] == demo.DEFAULTS["iterations"] == 300
     with pytest.raises(demo.DemoError, match="--patch_size .*multiple of 16"):
         demo.settings_from(demo.parse_args(["--patch_size", "40", "48", "32"]))
     with pytest.raises(demo.DemoError, match="--labeled_bs 4 must be < --batch_size 4"):
@@ -276,7 +276,7 @@ def test_side_by_side_table_has_one_column_per_method_in_order():
     assert lines[0].split() == ["metric", "MT", "SemiSAM", "SemiSAM+"] and set(lines[1]) == {"-"}
 
 
-def test_method_configs_share_every_setting_but_the_method_and_a_third_method_is_one_entry(monkeypatch, tmp_path):
+def test_methods_share_every_setting_but_their_own_and_a_third_method_is_one_entry(monkeypatch, tmp_path):
     args = demo.parse_args(["--quick", "--out", str(tmp_path), "--channels_last", "0"])
     s = demo.settings_from(args)
     data = dict(root_path=str(tmp_path / "cases"), train_list=str(tmp_path / "train.list"), kind="phantoms")
@@ -284,7 +284,8 @@ def test_method_configs_share_every_setting_but_the_method_and_a_third_method_is
     plus = dict(exp="semisam_plus", specialist="mt", generalist_term="semisam_plus", prompt="unc")
     monkeypatch.setitem(demo.METHODS, "SemiSAM+", plus)
     cfgs = {name: demo.train_config(name, s, data, generalist, args, "cpu") for name in demo.METHODS}
-    method_fields = {"exp", "generalist_term", "generalist", "generalist_arch", "prompt"}
+    method_fields = {"exp", "generalist_term", "generalist", "generalist_arch", "prompt", "num_clicks",
+                     "sam_weight"}
     base = {k: v for k, v in dataclasses.asdict(cfgs["MT"]).items() if k not in method_fields}
     for name, cfg in cfgs.items():
         assert {k: v for k, v in dataclasses.asdict(cfg).items() if k not in method_fields} == base, name

@@ -3,7 +3,8 @@ what a generalist adds when prompted from each method's predictions.
 
     results = {name: evaluate_checkpoint(ckpt, root, cases, ...) for name, ckpt in checkpoints.items()}
     verdict = paired_comparison(results["MT"], results["SemiSAM"], "MT", "SemiSAM")
-    notes = generalist_check(branch, image, gt, {name: prediction}, size, device)   # per test case
+    notes = generalist_check(branch, image, gt, {name: prediction}, size, device)   # one test case
+    check = check_generalist(branch, root, {name: {case: prediction}}, size, device, "MT", n_figure)  # all kept
 
 Used by the demo; a study over seeds and generalists (several runs per method) calls the same functions.
 """
@@ -21,8 +22,8 @@ from utils.errors import ProjectError
 from utils.inference import evaluate, load_specialist
 from utils.metrics import binary_dice
 
-__all__ = ["METRIC_KEYS", "summarize_cases", "evaluate_checkpoint", "paired_comparison", "crop_box",
-           "pseudo_label_in_crop", "generalist_check", "generalist_verdict"]
+__all__ = ["METRIC_KEYS", "ComparisonError", "summarize_cases", "evaluate_checkpoint", "paired_comparison", "crop_box",
+           "pseudo_label_in_crop", "generalist_check", "generalist_verdict", "check_generalist"]
 
 METRIC_KEYS = ("dice", "jaccard", "hd95", "asd")
 
@@ -162,3 +163,25 @@ def generalist_verdict(notes: Sequence[dict], names: Sequence[str], baseline: st
            "to help here (SemiSAM assumes a generalist that knows more than the specialist, e.g. the official "
            "SAM-Med3D in ckpt/sam_med3d.pth)."))
     return check
+
+
+def check_generalist(branch, base_dir, predictions: dict, size, device, baseline: str, figure_cases: int = 0) -> dict:
+    """:func:`generalist_check` on every case of ``predictions`` ({method: {case: prediction (X, Y, Z)}}, the
+    same cases for every method; images and labels read with ``load_case``), summarised by
+    :func:`generalist_verdict`.
+
+    Returns dict(check, notes (per case and method, masks dropped: case, prompted_by, crop, sam_dice_in_crop,
+    prompt_dice_in_crop), figure (``utils.figures.FigureCase`` of the first ``figure_cases`` cases))."""
+    from dataloaders.la_heart import load_case
+    from utils.figures import comparison_case
+    notes, figure = [], []
+    for i, case in enumerate(predictions[baseline]):
+        image, label = load_case(base_dir, case, with_label=True)
+        of_case = {name: by_case[case] for name, by_case in predictions.items()}
+        case_notes = generalist_check(branch, image, label, of_case, size, device)
+        if i < figure_cases:
+            figure.append(comparison_case(case, image, label, of_case, case_notes))
+        notes += [dict(case=case, prompted_by=n["prompted_by"], crop=[list(b) for b in n["box"]],
+                       sam_dice_in_crop=n["sam_dice_in_crop"], prompt_dice_in_crop=n["prompt_dice_in_crop"])
+                  for n in case_notes]
+    return dict(check=generalist_verdict(notes, list(predictions), baseline), notes=notes, figure=figure)
