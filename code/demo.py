@@ -227,7 +227,8 @@ def run_demo(args, s: dict, device: str) -> dict:
         wall[label] = time.perf_counter() - start
         return result
     say(ABOUT + (" (--quick: smoke-test settings, the numbers mean nothing)" if args.quick else ""))
-    say(f"machine: {m['cpu']} ({', '.join(m['cpu_flags']) or 'no AVX2 or AVX-512'}), {m['usable_cores']} usable cores, torch {m['torch']} "
+    flags = ", ".join(m["cpu_flags"]) or "no AVX2 or AVX-512"
+    say(f"machine: {m['cpu']} ({flags}), {m['usable_cores']} usable cores, torch {m['torch']} "
         f"with {m['torch_threads']} thread(s) on {device}, load average {load_start}")
     data = step("data", prepare_data, args, s)
     generalist = step("generalist", prepare_generalist, args, s, device, not args.no_progress)
