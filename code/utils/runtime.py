@@ -17,8 +17,8 @@ import torch
 
 from utils.errors import ConfigError
 
-__all__ = ["DeviceError", "autocast", "cpu_flags", "derived_seed", "loadavg", "machine_info", "resolve_device",
-           "seed_everything"]
+__all__ = ["DeviceError", "autocast", "cpu_flags", "default_threads", "derived_seed", "loadavg", "machine_info",
+           "resolve_device", "seed_everything"]
 
 
 class DeviceError(ConfigError):
@@ -91,6 +91,23 @@ def loadavg() -> Optional[list[float]]:
         return [round(float(v), 2) for v in os.getloadavg()]
     except (OSError, AttributeError):
         return None
+
+
+def default_threads(requested: int = 0) -> int:
+    """``requested``, or (0) the cores not busy according to the 1-minute load average, at least 1.
+
+    On a shared machine, more compute threads than idle cores makes torch's spinning OpenMP threads fight the
+    other processes, and a step becomes many times slower than with fewer threads (results/history.md,
+    "Numbers moved out of code comments").
+    """
+    if requested > 0:
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        load = 0.0
+    return max(1, min(cores, int(cores - load + 0.5)))
 
 
 def _cpu_model() -> str:
