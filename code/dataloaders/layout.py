@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["TRAINING_FOLDER", "H5_NAME", "DEFAULT_ROOT", "CODE_DIR", "REPO_ROOT", "repo_default"]
+__all__ = ["TRAINING_FOLDER", "H5_NAME", "DEFAULT_ROOT", "CODE_DIR", "REPO_ROOT", "dataset_paths", "repo_default"]
 
 CODE_DIR = Path(__file__).resolve().parents[1]    # code/: the folder the scripts' default paths start from
 REPO_ROOT = CODE_DIR.parent
@@ -35,3 +35,13 @@ def repo_default(path: str | os.PathLike | None) -> str | None:
     cwd = os.getcwd()
     inside = os.path.commonpath([cwd, str(REPO_ROOT)]) == str(REPO_ROOT)
     return os.path.relpath(target, cwd) if inside else target
+
+
+def dataset_paths(root) -> dict | None:
+    """{'root_path': case folder, 'train_list', 'test_list'} (strings) of the dataset at ``root`` in this layout,
+    or None when one of the three is missing."""
+    root = Path(root)
+    paths = dict(root_path=root / TRAINING_FOLDER, train_list=root / "train.list", test_list=root / "test.list")
+    if not (paths["root_path"].is_dir() and paths["train_list"].is_file() and paths["test_list"].is_file()):
+        return None
+    return {k: str(v) for k, v in paths.items()}

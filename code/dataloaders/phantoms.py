@@ -28,6 +28,7 @@ The shape primitives (:func:`smooth_field`, :func:`ellipsoid_radius`, :func:`tub
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,10 +39,12 @@ from scipy import ndimage
 from dataloaders.layout import H5_NAME, TRAINING_FOLDER
 from utils.errors import ConfigError
 from utils.io import atomic_write
+from utils.progress import Progress
 
 __all__ = [
     "DEFAULT_SIZE", "REFERENCE_SIZE", "PhantomError", "Phantom", "case_name",
-    "case_rng", "make_phantom", "phantom_case", "write_phantom_dataset", "smooth_field", "random_rotation",
+    "case_rng", "make_phantom", "phantom_case", "write_phantom_dataset", "ensure_phantom_dataset", "MANIFEST",
+    "smooth_field", "random_rotation",
     "ellipsoid_radius", "bezier", "tube_sdf",
 ]
 
@@ -355,15 +358,37 @@ def write_phantom_dataset(out, n_train: int = 80, n_test: int = 20, size=DEFAULT
     data_dir = out / TRAINING_FOLDER
     data_dir.mkdir(parents=True, exist_ok=True)
     names = [case_name(i) for i in range(n_train + n_test)]
-    indices = range(len(names))
-    if progress:
-        from tqdm import tqdm
-        indices = tqdm(indices, desc="phantoms", unit="case")
-    for i in indices:
+    shown = Progress(len(names), desc="phantoms", enabled=progress)
+    for i in range(len(names)):
         case = phantom_case(seed, i, size)
         (data_dir / names[i]).mkdir(exist_ok=True)
         _write_h5(data_dir / names[i] / H5_NAME, case.image, case.label)
+        shown.update()
+    shown.close()
     splits = {"train": names[:n_train], "test": names[n_train:]}
     for split, cases in splits.items():
         (out / f"{split}.list").write_text("".join(c + "\n" for c in cases))
     return splits
+
+
+MANIFEST = "phantoms.json"
+
+
+def ensure_phantom_dataset(out, n_train: int, n_test: int, size, seed: int, progress: bool = False) -> str:
+    """The phantom dataset of these settings in ``out``: reused when ``<out>/phantoms.json`` records the same
+    settings and every file is there, else (re)written. Returns 'reused' or 'written'.
+
+    The manifest is removed before writing and written last, so an interrupted write is never mistaken for a
+    complete dataset."""
+    out = Path(out)
+    manifest = {"generator": "dataloaders.phantoms", "size": list(size), "n_train": int(n_train),
+                "n_test": int(n_test), "seed": int(seed)}
+    path = out / MANIFEST
+    complete = (all((out / TRAINING_FOLDER / case_name(i) / H5_NAME).is_file() for i in range(n_train + n_test))
+                and (out / "train.list").is_file() and (out / "test.list").is_file())
+    if complete and path.is_file() and json.loads(path.read_text()) == manifest:
+        return "reused"
+    path.unlink(missing_ok=True)
+    write_phantom_dataset(out, n_train, n_test, tuple(size), seed, progress=progress)
+    path.write_text(json.dumps(manifest, indent=2) + "\n")
+    return "written"

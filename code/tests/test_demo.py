@@ -4,6 +4,9 @@ The quick setting trains for 3 iterations, so its metrics mean nothing; these te
 runs and connects, that phantoms and the demo generalist are cached and reused, that the comparison is
 reported honestly, and that the Makefile's targets run the commands the README promises.
 """
+import contextlib
+import dataclasses
+import io
 import json
 import math
 import os
@@ -17,8 +20,13 @@ import pytest
 import torch
 
 import demo
+from dataloaders import phantoms
 from dataloaders.la_heart import load_case, read_list
-from training.pretrain import pretrain
+from training.config import parse_config
+from training.pretrain import checkpoint_status, pretrain
+from utils.compare import ComparisonError, crop_box, paired_comparison
+from utils.report import side_by_side, text_table
+from utils.runtime import default_threads
 
 REPO = Path(demo.__file__).resolve().parent.parent
 
@@ -34,17 +42,38 @@ def png_size(path: Path) -> tuple[int, int]:
     return struct.unpack(">II", head[16:24])
 
 
+def exp_dirs(root: Path) -> dict:
+    return {name: root / "model" / fields["exp"] for name, fields in demo.METHODS.items()}
+
+
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory):
+    """The first quick run, with progress on and stdout not a terminal (as under `make demo | tee` or CI)."""
     root = tmp_path_factory.mktemp("demo")
-    summary = demo.main(quick_argv(root))
-    gen = root / "ckpt" / demo.DEMO_GENERALIST[True]
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        summary = demo.main([a for a in quick_argv(root) if a != "--no_progress"])
+    gen = root / "ckpt" / demo.CACHE[True][1]
     h5 = root / "data" / "phantoms_quick" / "2018LA_Seg_Training Set" / "PHANTOM_000" / "mri_norm2.h5"
-    return root, summary, gen.stat().st_mtime_ns, h5.stat().st_mtime_ns
+    return root, summary, gen.stat().st_mtime_ns, h5.stat().st_mtime_ns, stdout.getvalue()
+
+
+def test_quick_demo_shows_progress_of_every_long_stage_when_not_on_a_terminal(first_run):
+    out = first_run[4]
+    assert "\x1b" not in out and "\r" not in out             # plain lines, no redrawn bar
+    assert "[demo] machine: " in out and "thread(s) on cpu" in out
+    assert "[phantoms] 6/6 (100%)" in out
+    assert "[pretrain generalist] 2/2 (100%)  loss " in out and "ETA 0:00:00" in out
+    for exp in ("mt", "semisam_mt"):
+        line = next(l for l in out.splitlines() if l.startswith(f"[train {exp}] 3/3 (100%)"))
+        assert "  loss " in line and "  elapsed " in line and "  ETA " in line
+    for name in demo.METHODS:
+        assert f"[evaluate {name}] case 1/2 PHANTOM_004: Dice " in out and f"[evaluate {name}] case 2/2" in out
+    assert "depend on the CPU" in out
 
 
 def test_quick_demo_reports_both_methods_with_finite_metrics(first_run):
-    root, summary, _, _ = first_run
+    root, summary = first_run[:2]
     assert summary["data"]["kind"] == "phantoms" and summary["data"]["action"] == "written"
     assert summary["generalist"]["kind"] == "demo" and summary["generalist"]["action"] == "trained"
     assert summary["distance_unit"] == "voxels"
@@ -56,7 +85,7 @@ def test_quick_demo_reports_both_methods_with_finite_metrics(first_run):
         assert 0.0 <= r["mean"]["dice"] <= 1.0
         assert Path(r["checkpoint"]).name == "iter_3.pth" and Path(r["checkpoint"]).is_file()
     # both methods ran through the engine with the same settings; only SemiSAM had a generalist
-    cfg = {label: json.loads((root / "model" / exp / "config.json").read_text()) for label, exp in demo.METHODS}
+    cfg = {label: json.loads((exp / "config.json").read_text()) for label, exp in exp_dirs(root).items()}
     assert cfg["MT"]["generalist"] == [] and cfg["SemiSAM"]["generalist"] == [summary["generalist"]["path"]]
     assert cfg["SemiSAM"]["generalist_term"] == "semisam" and cfg["SemiSAM"]["prompt"] == "point"
     for key in ("seed", "labeled_num", "patch_size", "max_iterations", "n_filters", "batch_size", "lr_step",
@@ -64,17 +93,21 @@ def test_quick_demo_reports_both_methods_with_finite_metrics(first_run):
         assert cfg["MT"][key] == cfg["SemiSAM"][key], key
     # the written summary is the returned one, and the markdown carries the table and the verdict
     on_disk = json.loads((root / "model" / "summary.json").read_text())
-    assert on_disk["comparison"] == summary["comparison"]
+    assert on_disk["comparisons"] == summary["comparisons"]
     assert on_disk["results"]["SemiSAM"]["mean"] == summary["results"]["SemiSAM"]["mean"]
     md = (root / "model" / "summary.md").read_text()
-    assert summary["comparison"]["statement"] in md and "HD95 (voxels)" in md
-    for key in ("platform", "cpu_count", "torch"):
+    (comparison,) = summary["comparisons"]
+    assert comparison["base"] == "MT" and comparison["other"] == "SemiSAM"
+    assert comparison["statement"] in md and "HD95 (voxels)" in md
+    # where the numbers came from, and that they depend on it
+    for key in ("platform", "cpu", "cpu_count", "usable_cores", "torch", "torch_threads"):
         assert summary["machine"][key], key
+    assert summary["machine"]["cpu"] in md and "depend on the CPU" in md and "--threads 1 --channels_last 0" in md
     assert set(summary["wall_seconds"]) >= {"data", "generalist", "train MT", "train SemiSAM", "total"}
 
 
 def test_quick_demo_writes_a_figure(first_run):
-    root, summary, _, _ = first_run
+    root, summary = first_run[:2]
     png = root / "model" / "demo.png"
     assert Path(summary["figure"]["path"]) == png
     width, height = png_size(png)
@@ -106,9 +139,9 @@ def test_phantoms_are_written_in_the_la_layout(first_run):
 
 
 def test_second_run_reuses_phantoms_and_generalist_and_repeats_the_numbers(first_run):
-    root, first, gen_mtime, h5_mtime = first_run
+    root, first, gen_mtime, h5_mtime, _ = first_run
     again = demo.main(quick_argv(root))
-    gen = root / "ckpt" / demo.DEMO_GENERALIST[True]
+    gen = root / "ckpt" / demo.CACHE[True][1]
     h5 = root / "data" / "phantoms_quick" / "2018LA_Seg_Training Set" / "PHANTOM_000" / "mri_norm2.h5"
     assert again["generalist"]["action"] == "reused" and gen.stat().st_mtime_ns == gen_mtime
     assert again["data"]["action"] == "reused" and h5.stat().st_mtime_ns == h5_mtime
@@ -127,7 +160,7 @@ def test_changed_phantom_settings_rewrite_the_phantoms(tmp_path):
     assert demo.prepare_data(args, s)["action"] == "reused"
     s2 = dict(s, phantom_seed=1)
     assert demo.prepare_data(args, s2)["action"] == "written"
-    assert json.loads((data / "phantoms_quick" / "demo_phantoms.json").read_text())["seed"] == 1
+    assert json.loads((data / "phantoms_quick" / phantoms.MANIFEST).read_text())["seed"] == 1
 
 
 @pytest.fixture
@@ -142,31 +175,30 @@ def one_thread():
 def test_generalist_cache_status_and_resume(tmp_path, one_thread):
     args = demo.parse_args(["--quick", "--ckpt_dir", str(tmp_path), "--no_progress"])
     s = demo.settings_from(args)
-    path = tmp_path / demo.DEMO_GENERALIST[True]
-    cfg = demo._pretrain_config(s, path, "cpu", progress=False)
-    assert demo.cached_generalist_status(path, cfg)[0] == "missing"
+    path = tmp_path / demo.CACHE[True][1]
+    cfg = demo.pretrain_config(s, path, "cpu", progress=False)
+    assert checkpoint_status(path, cfg)[0] == "missing"
     with pytest.raises(demo.DemoError, match="skip_pretrain.*does not exist"):
         demo.prepare_generalist(demo.parse_args(["--quick", "--ckpt_dir", str(tmp_path), "--skip_pretrain"]),
                                 s, "cpu", False)
     # an interrupted pretraining (stopped after 1 of 2 iterations) is resumed, not restarted
     cfg.stop_at = 1
     pretrain(cfg)
-    status, reason = demo.cached_generalist_status(path, demo._pretrain_config(s, path, "cpu", False))
+    status, reason = checkpoint_status(path, demo.pretrain_config(s, path, "cpu", False))
     assert status == "partial" and "iteration 1 of 2" in reason
     info = demo.prepare_generalist(args, s, "cpu", False)
     assert info["action"] == "resumed"
     assert torch.load(path, weights_only=True)["iteration"] == 2
-    assert demo.cached_generalist_status(path, demo._pretrain_config(s, path, "cpu", False))[0] == "done"
+    assert checkpoint_status(path, demo.pretrain_config(s, path, "cpu", False))[0] == "done"
     # other settings: not the demo's model
-    status, reason = demo.cached_generalist_status(path, demo._pretrain_config(dict(s, pretrain_clicks=3), path,
-                                                                               "cpu", False))
+    status, reason = checkpoint_status(path, demo.pretrain_config(dict(s, pretrain_clicks=3), path, "cpu", False))
     assert status == "mismatch" and "num_clicks 2 (want 3)" in reason
     # --skip_pretrain takes the file as it is and reports what it really holds
     skip = demo.parse_args(["--quick", "--ckpt_dir", str(tmp_path), "--skip_pretrain", "--pretrain_iterations", "50"])
     info = demo.prepare_generalist(skip, demo.settings_from(skip), "cpu", False)
     assert info["action"] == "used as is" and info["pretrain_iterations"] == 2
     path.write_bytes(b"not a checkpoint")
-    assert demo.cached_generalist_status(path, cfg)[0] == "mismatch"
+    assert checkpoint_status(path, cfg)[0] == "mismatch"
 
 
 def test_explicit_generalist_path_must_exist(tmp_path):
@@ -189,7 +221,7 @@ def test_settings_presets_flags_and_errors():
     quick = demo.settings_from(demo.parse_args(["--quick", "--iterations", "5"]))
     assert quick["iterations"] == 5 and quick["patch_size"] == (32, 32, 32)
     full = demo.settings_from(demo.parse_args(["--patch_size", "48", "48", "32"]))
-    assert full["patch_size"] == (48, 48, 32) and full["iterations"] == demo.ITERATIONS
+    assert full["patch_size"] == (48, 48, 32) and full["iterations"] == demo.DEFAULTS["iterations"] == 300
     with pytest.raises(demo.DemoError, match="--patch_size .*multiple of 16"):
         demo.settings_from(demo.parse_args(["--patch_size", "40", "48", "32"]))
     with pytest.raises(demo.DemoError, match="--labeled_bs 4 must be < --batch_size 4"):
@@ -198,7 +230,10 @@ def test_settings_presets_flags_and_errors():
         demo.settings_from(demo.parse_args(["--iterations", "0"]))
     assert demo.schedule(6000) == {"lr_step": 2500, "rampup_block": 150}
     assert demo.schedule(300) == {"lr_step": 125, "rampup_block": 8}
-    assert demo.choose_threads(3) == 3 and demo.choose_threads(0) >= 1
+    assert default_threads(3) == 3 and 1 <= default_threads(0) <= (os.cpu_count() or 1)
+    assert demo.settings_from(demo.parse_args(["--max_test_cases", "0"]))["max_test_cases"] == 0
+    with pytest.raises(demo.DemoError, match="--base_lr must be > 0"):
+        demo.settings_from(demo.parse_args(["--base_lr", "0"]))
 
 
 def _records(dices):
@@ -207,23 +242,68 @@ def _records(dices):
 
 def test_compare_says_what_happened():
     mt = _records([0.80, 0.70, 0.75, 0.85])
-    better = demo.compare(mt, _records([0.90, 0.80, 0.85, 0.95]))
-    assert better["semisam_beat_mt"] and better["statement"].startswith("SemiSAM beat MT on Dice: 87.50 % vs 77.50 %")
+    better = paired_comparison(mt, _records([0.90, 0.80, 0.85, 0.95]), "MT", "SemiSAM")
+    assert better["other_beat_base"] and better["statement"].startswith("SemiSAM beat MT on Dice: 87.50 % vs 77.50 %")
     assert "higher on 4 and lower on 0 of 4" in better["statement"] and "exceeds two standard errors" in better["statement"]
-    worse = demo.compare(mt, _records([0.79, 0.71, 0.70, 0.84]))
-    assert not worse["semisam_beat_mt"] and worse["statement"].startswith("SemiSAM did not beat MT")
+    worse = paired_comparison(mt, _records([0.79, 0.71, 0.70, 0.84]), "MT", "SemiSAM")
+    assert not worse["other_beat_base"] and worse["statement"].startswith("SemiSAM did not beat MT")
     assert worse["dice_difference_points"] == pytest.approx(-1.5)
     assert "does not show a real difference" in worse["statement"]
-    with pytest.raises(demo.DemoError, match="different cases"):
-        demo.compare(mt, _records([0.9, 0.9]))
+    with pytest.raises(ComparisonError, match="MT and SemiSAM\\+ were evaluated on different cases"):
+        paired_comparison(mt, _records([0.9, 0.9]), "MT", "SemiSAM+")
+    plus = paired_comparison(mt, _records([0.90, 0.80, 0.85, 0.95]), "MT", "SemiSAM+")
+    assert plus["statement"].startswith("SemiSAM+ beat MT on Dice")
 
 
 def test_crop_box_is_centred_and_inside_the_volume():
     mask = np.zeros((96, 96, 64), np.uint8)
     mask[70:90, 10:20, 30:34] = 1
-    box = demo.crop_box(mask, (64, 64, 48))
+    box = crop_box(mask, (64, 64, 48))
     assert box == ((32, 96), (0, 64), (8, 56))
-    assert demo.crop_box(np.zeros((40, 96, 64)), (64, 64, 48)) == ((0, 40), (16, 80), (8, 56))
+    assert crop_box(np.zeros((40, 96, 64)), (64, 64, 48)) == ((0, 40), (16, 80), (8, 56))
+
+
+def test_side_by_side_table_has_one_column_per_method_in_order():
+    results = {name: {"mean": {"dice": 0.8 + i / 100, "jaccard": 0.7, "hd95": 3.25, "asd": 1.0},
+                      "std": {"dice": 0.05, "jaccard": 0.04, "hd95": 0.5, "asd": 0.25}}
+               for i, name in enumerate(["MT", "SemiSAM", "SemiSAM+"])}
+    header, rows = side_by_side(results, "voxels")
+    assert header == ["metric", "MT", "SemiSAM", "SemiSAM+"]
+    assert rows[0] == ["Dice (%)", "80.00 ± 5.00", "81.00 ± 5.00", "82.00 ± 5.00"]
+    assert rows[2] == ["HD95 (voxels)", "3.25 ± 0.50", "3.25 ± 0.50", "3.25 ± 0.50"]
+    assert [r[0] for r in rows] == ["Dice (%)", "Jaccard (%)", "HD95 (voxels)", "ASD (voxels)"]
+    lines = text_table(header, rows).splitlines()
+    assert lines[0].split() == ["metric", "MT", "SemiSAM", "SemiSAM+"] and set(lines[1]) == {"-"}
+
+
+def test_methods_share_every_setting_but_their_own_and_a_third_method_is_one_entry(monkeypatch, tmp_path):
+    args = demo.parse_args(["--quick", "--out", str(tmp_path), "--channels_last", "0"])
+    s = demo.settings_from(args)
+    data = dict(root_path=str(tmp_path / "cases"), train_list=str(tmp_path / "train.list"), kind="phantoms")
+    generalist = dict(path="g.pth", arch="g.json")
+    plus = dict(exp="semisam_plus", specialist="mt", generalist_term="semisam_plus", prompt="unc")
+    monkeypatch.setitem(demo.METHODS, "SemiSAM+", plus)
+    cfgs = {name: demo.train_config(name, s, data, generalist, args, "cpu") for name in demo.METHODS}
+    method_fields = {"exp", "generalist_term", "generalist", "generalist_arch", "prompt", "num_clicks",
+                     "sam_weight"}
+    base = {k: v for k, v in dataclasses.asdict(cfgs["MT"]).items() if k not in method_fields}
+    for name, cfg in cfgs.items():
+        assert {k: v for k, v in dataclasses.asdict(cfg).items() if k not in method_fields} == base, name
+        # run.main(fields, []) rebuilds exactly this config: nothing is lost on the way to the trainer
+        assert parse_config(dataclasses.asdict(cfg), []) == cfg
+    assert cfgs["MT"].generalist == [] and cfgs["SemiSAM+"].generalist == ["g.pth"]
+    assert cfgs["SemiSAM+"].prompt == "unc" and cfgs["SemiSAM"].num_clicks == s["num_clicks"]
+    assert base["channels_last"] is False and base["max_iterations"] == 3 and base["lr_step"] == 1
+
+
+def test_an_interrupted_phantom_write_is_rewritten(tmp_path):
+    out = tmp_path / "ph"
+    assert phantoms.ensure_phantom_dataset(out, 1, 1, (24, 24, 24), 0) == "written"
+    assert phantoms.ensure_phantom_dataset(out, 1, 1, (24, 24, 24), 0) == "reused"
+    (out / "2018LA_Seg_Training Set" / "PHANTOM_001" / "mri_norm2.h5").unlink()
+    assert phantoms.ensure_phantom_dataset(out, 1, 1, (24, 24, 24), 0) == "written"
+    (out / phantoms.MANIFEST).unlink()        # what a crash during the write leaves
+    assert phantoms.ensure_phantom_dataset(out, 1, 1, (24, 24, 24), 0) == "written"
 
 
 def _make(*args: str, venv: Path | None = None) -> str:
@@ -271,8 +351,8 @@ def test_channels_last_flag_reaches_both_training_runs(first_run):
     # last in this file: it rewrites first_run's model folder
     root = first_run[0]
     demo.main(quick_argv(root, "--channels_last", "0"))
-    for _, exp in demo.METHODS:
-        assert json.loads((root / "model" / exp / "config.json").read_text())["channels_last"] is False
+    for exp in exp_dirs(root).values():
+        assert json.loads((exp / "config.json").read_text())["channels_last"] is False
     demo.main(quick_argv(root))
-    for _, exp in demo.METHODS:
-        assert json.loads((root / "model" / exp / "config.json").read_text())["channels_last"] is None
+    for exp in exp_dirs(root).values():
+        assert json.loads((exp / "config.json").read_text())["channels_last"] is None

@@ -370,8 +370,10 @@ def test_bf16_autocast_runs_and_returns_float32(sam):
 # contract and errors
 # ------------------------------------------------------------------------------------------------
 def test_branch_takes_no_labels():
-    for method in (GeneralistBranch.__call__, GeneralistBranch.pseudo_labels):
-        assert list(inspect.signature(method).parameters) == ["self", "images", "student_fg_prob"]
+    assert list(inspect.signature(GeneralistBranch.__call__).parameters) == ["self", "images", "student_fg_prob"]
+    # embeddings: the branch's own encode(images), reused across the prompts of several classes
+    assert list(inspect.signature(GeneralistBranch.pseudo_labels).parameters) == ["self", "images", "student_fg_prob",
+                                                                                  "embeddings"]
     params = inspect.signature(pseudo_label).parameters
     assert [p for p in params if "label" in p or "target" in p or "gt" in p] == []
 
@@ -500,3 +502,14 @@ def test_encode_and_decode_are_the_predictor_split(sam):
         logits = emb.geometry.logits_to_patch(low)
     assert low.shape == (2, 1, LOW, LOW, LOW)
     assert torch.equal(logits, out.variant_logits[0]) and torch.equal((logits > 0).float(), out.pseudo_label)
+
+
+def test_precomputed_embeddings_give_the_same_pseudo_labels(sam, sam2):
+    # what the K-class generalist term does: encode once, prompt once per class
+    images, prob = _inputs()
+    a = GeneralistBranch([sam, sam2], prompt="unc", num_clicks=3, generator=torch.Generator().manual_seed(4))
+    b = GeneralistBranch([sam, sam2], prompt="unc", num_clicks=3, generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        embeddings = b.encode(images)
+    out_a, out_b = a.pseudo_labels(images, prob), b.pseudo_labels(images, prob, embeddings)
+    assert torch.equal(out_a.pseudo_label, out_b.pseudo_label) and torch.equal(out_a.confidence, out_b.confidence)

@@ -1,4 +1,4 @@
-"""Training on a prepared dataset (--dataset) with K classes: supervised, MT and UA-MT over K classes."""
+"""Training on a prepared dataset (--dataset) with K classes: supervised, MT, UA-MT, SemiSAM and SemiSAM+."""
 import json
 import math
 
@@ -12,7 +12,9 @@ from training.run import main as train_main
 from utils import losses, ramps
 from utils.errors import ConfigError
 from utils.inference import load_specialist
+from utils.generalist import GeneralistStats, PseudoLabels, combine_classes
 from tests.test_prepare_dataset import _phantom, _write_dataset
+from tests.test_train_common import sam_args, write_tiny_sam
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +42,6 @@ def test_dataset_sets_data_classes_and_labeled_count(three_class, tmp_path):
     assert parse_config({}, ["--dataset", str(dataset), "--labeled_n", "2"]).labeled_num == 2   # abbreviation too
     with pytest.raises(ConfigError, match="--num_classes 2 contradicts .*dataset.json \\(3 classes"):
         parse_config({}, ["--dataset", str(dataset), "--num_classes", "2"])
-    with pytest.raises(ConfigError, match="prompting the generalist once per class .* not implemented yet"):
-        parse_config({}, ["--dataset", str(dataset), "--generalist_term", "semisam", "--generalist", "x.pth"])
     with pytest.raises(ConfigError, match="no dataset.json"):
         parse_config({}, ["--dataset", str(tmp_path)])
     (tmp_path / "dataset.json").write_text(json.dumps({"labels": {}}))
@@ -84,3 +84,34 @@ def test_k_class_supervised_loss_and_threshold():
     assert torch.equal(losses.ce_dice_loss(two, lab2)[1]["dice"], losses.dice_loss(F.softmax(two, 1)[:, 1], lab2 == 1))
     assert ramps.uamt_threshold(0, 6000) == ramps.uamt_threshold(0, 6000, 2)
     assert ramps.uamt_threshold(6000, 6000, 3) == pytest.approx(math.log(3))
+
+
+@pytest.mark.parametrize("term,prompt", [("semisam", "point"), ("semisam_plus", "unc")])
+def test_k_class_generalist_terms(three_class, tmp_path, term, prompt):
+    dataset, _ = three_class
+    sams = [write_tiny_sam(tmp_path / "sam", seed=s, name=f"sam{s}.pth") for s in range(2 if term == "semisam_plus" else 1)]
+    args = _args(dataset, tmp_path, term, "--prompt", prompt, "--geometry", "resample",
+                 *sam_args([c for c, _ in sams], sams[0][1]))
+    trainer = train_main({"specialist": "mt", "generalist_term": term}, args)
+    values = trainer.last_result.values
+    assert all(math.isfinite(v) for v in values.values()) and values["loss/generalist"] > 0
+    assert 0 <= values["generalist/foreground_fraction"] <= 1 and 0 <= values["generalist/mean_confidence"] <= 1
+    assert set(torch.unique(trainer.last_result.visuals["unlabeled/pseudo_label"]).tolist()) <= {0.0, 1.0, 2.0}
+
+
+def _answer(mask, conf):
+    z = torch.tensor(0.0)
+    return PseudoLabels(torch.tensor(mask, dtype=torch.float32), torch.tensor(conf), (),
+                        GeneralistStats(z, z, 1, z, z, z))
+
+
+def test_combine_classes_resolves_overlaps_by_confidence():
+    # voxels: only class 1 | only class 2 | both, 2 more confident | both, tie | neither
+    a1 = _answer([[1, 0, 1, 1, 0]], [[0.9, 0.8, 0.5, 0.7, 0.6]])
+    a2 = _answer([[0, 1, 1, 1, 0]], [[0.3, 0.4, 0.6, 0.7, 0.2]])
+    label, conf = combine_classes([a1, a2])
+    assert label.tolist() == [[1, 2, 2, 1, 0]] and label.dtype == torch.int64
+    torch.testing.assert_close(conf, torch.tensor([[0.9, 0.4, 0.6, 0.7, 0.2]]))
+    # one class: its own mask and confidence (the binary case)
+    label, conf = combine_classes([a1])
+    assert label.tolist() == [[1, 0, 1, 1, 0]] and torch.equal(conf, a1.confidence)

@@ -201,10 +201,6 @@ class TrainConfig:
              f"labeled_bs must be in [1, batch_size={self.batch_size}], got {self.labeled_bs}")
         need(self.labeled_num >= 1, f"labeled_num must be >= 1, got {self.labeled_num}")
         need(self.num_classes >= 2, f"num_classes must be >= 2 (background and one class), got {self.num_classes}")
-        need(self.num_classes == 2 or self.generalist_term == "none",
-             f"generalist term {self.generalist_term!r}: prompting the generalist once per class of a "
-             f"{self.num_classes}-class dataset is not implemented yet; use --generalist none (MT / UA-MT / "
-             f"supervised train with any number of classes)")
         need(self.max_iterations >= 1, f"max_iterations must be >= 1, got {self.max_iterations}")
         need(self.stop_after is None or 1 <= self.stop_after <= self.max_iterations,
              f"stop_after must be in [1, max_iterations={self.max_iterations}], got {self.stop_after}")
@@ -356,8 +352,8 @@ def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
     g("--val_stride_z", type=int, help="validation sliding-window stride along Z")
     a("--stop_after", type=int, help=argparse.SUPPRESS)
 
-    merged = {name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
-              for name, f in _FIELDS.items()}
+    merged = resolve_default_paths({name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                                    for name, f in _FIELDS.items()})
     unknown = sorted(set(defaults or {}) - set(_FIELDS))
     if unknown:
         raise KeyError(f"unknown training settings {unknown}; known: {sorted(_FIELDS)}")
@@ -366,15 +362,25 @@ def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
         if merged[name] is None:
             # shown as 'auto' by -h; argparse passes a string default through the flag's type: None again
             merged[name] = "auto"
-    # default paths are written relative to code/; resolved so that they name the same place from any working
-    # directory (a path given on the command line stays relative to the working directory)
-    for name in PATH_FIELDS:
-        merged[name] = repo_default(merged[name])
-    merged["generalist"] = [repo_default(g) if g != "none" else g for g in merged["generalist"] or []]
-    if str(merged["generalist_arch"]).endswith(".json"):
-        merged["generalist_arch"] = repo_default(merged["generalist_arch"])
     p.set_defaults(**merged)
     return p
+
+
+def resolve_default_paths(values: dict) -> dict:
+    """A copy of ``values`` (TrainConfig fields) with its paths, written relative to ``code/`` as the field
+    defaults and the entry scripts' SETTINGS are, resolved so that they name the same place from any working
+    directory (``dataloaders.layout.repo_default``). Flags are not passed through it: a path typed on the
+    command line stays relative to the working directory, and so does one a caller of ``training.run.main``
+    computed itself (the demo)."""
+    out = dict(values)
+    for name in PATH_FIELDS:
+        if name in out:
+            out[name] = repo_default(out[name])
+    if out.get("generalist"):
+        out["generalist"] = [g if g == "none" else repo_default(g) for g in out["generalist"]]
+    if str(out.get("generalist_arch", "")).endswith(".json"):
+        out["generalist_arch"] = repo_default(out["generalist_arch"])
+    return out
 
 
 def parse_config(defaults: dict | None = None, argv: Sequence[str] | None = None) -> TrainConfig:

@@ -11,19 +11,22 @@ it. A subclass only writes ``loss(student_fg_prob, labels)``; it gets everything
 - 'semisam_plus': ``sum(w (p_fg - m)^2) / (sum(w) + 1e-8)`` with the per-voxel confidence ``w`` (gradient kept,
   unlike the official code: defect 5).
 
-Weight ramped *down*: ``w_g(t) = sam_weight * sigmoid_rampup((T_max - t) // rampup_block, sam_rampdown)``.
+With K > 2 classes the generalist is prompted once per foreground class (SAM-Med3D is binary), the answers are
+combined into one label map, overlaps resolved by confidence (``utils.generalist.combine_classes``), and the
+loss is the mean over the classes. Weight ramped *down*: ``w_g(t) = sam_weight * sigmoid_rampup((T_max - t) // rampup_block, sam_rampdown)``.
 Logs ``generalist/dice_vs_student``, ``generalist/foreground_fraction``, ``generalist/mean_confidence``;
 visuals ``unlabeled/pseudo_label`` and ``unlabeled/confidence``.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
 
 from utils import losses, ramps
 from utils.errors import ConfigError
-from utils.generalist import GeneralistBranch, PseudoLabels
+from utils.generalist import GeneralistBranch, PseudoLabels, combine_classes
 
 from training.parts import SetupContext, Term, TermOutput, UnlabeledBatch, register_generalist_term
 
@@ -66,6 +69,8 @@ class GeneralistTerm(Term):
         raise NotImplementedError
 
     def __call__(self, batch: UnlabeledBatch) -> TermOutput:
+        if batch.student_prob.shape[1] > 2:
+            return self._call_classes(batch)
         student_fg_prob = batch.student_prob[:, 1]
         with batch.timer("generalist"):
             labels = self.branch.pseudo_labels(batch.images, student_fg_prob.detach())
@@ -76,6 +81,28 @@ class GeneralistTerm(Term):
                                       "foreground_fraction": stats.foreground_fraction,
                                       "mean_confidence": stats.mean_confidence},
                           visuals={"pseudo_label": labels.pseudo_label[0], "confidence": labels.confidence[0]})
+
+    def _call_classes(self, batch: UnlabeledBatch) -> TermOutput:
+        """K > 2 classes: the generalist (binary) is prompted once per foreground class k by the student's
+        probability of k, each image encoded once; the answers become one label map (``combine_classes``:
+        overlaps go to the most confident answer) and ``loss`` is averaged over the classes, class k compared
+        with ``label == k`` under the combined confidence."""
+        prob = batch.student_prob
+        with batch.timer("generalist"):
+            with torch.inference_mode():
+                embeddings = self.branch.encode(batch.images.detach())
+            answers = [self.branch.pseudo_labels(batch.images, prob[:, k].detach(), embeddings)
+                       for k in range(1, prob.shape[1])]
+            label, confidence = combine_classes(answers)
+            label, confidence = label.clone(), confidence.clone()      # normal tensors (targets for autograd)
+        with batch.timer("loss"):
+            loss = torch.stack([self.loss(prob[:, k], dataclasses.replace(
+                answers[k - 1], pseudo_label=(label == k).float(), confidence=confidence))
+                for k in range(1, prob.shape[1])]).mean()
+        return TermOutput(loss, logs={"dice_vs_student": torch.stack([a.stats.dice_vs_student for a in answers]).mean(),
+                                      "foreground_fraction": (label > 0).float().mean(),
+                                      "mean_confidence": confidence.mean()},
+                          visuals={"pseudo_label": label[0].float(), "confidence": confidence[0]})
 
 
 @register_generalist_term

@@ -8,7 +8,9 @@ have been checked, so a run refused for bad input leaves an existing run folder 
 go to the console at once and into log.txt when it opens.
 
 log.txt gets one line per ``log_every`` iterations (UA-MT logs every iteration) plus run events; the console
-shows the run events and a tqdm bar (iteration, loss, ETA) instead of the per-iteration lines.
+shows the run events and the progress (``utils.progress.Progress``: a tqdm bar on a terminal, else a plain
+line with iteration, loss, elapsed time and ETA every 5 % of the run or 30 s) instead of the per-iteration
+lines.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from tqdm import tqdm
 
 from training.config import TrainConfig, write_config_json
 from utils.errors import ConfigError
+from utils.progress import Progress
 
 ITERATION_LEVEL = 15          # between DEBUG and INFO: file only
 LOGGER_NAME = "semisam.train"
@@ -91,7 +94,7 @@ class RunOutput:
         self.logger.propagate = False
         self.logger.setLevel(ITERATION_LEVEL)
         self.writer = None
-        self._bar: Optional[tqdm] = None
+        self._progress: Optional[Progress] = None
         self._handlers: list[logging.Handler] = []
         self._pending: Optional[_Pending] = None
         self.files_open = False
@@ -172,21 +175,20 @@ class RunOutput:
         for name, vol in visuals.items():
             self.writer.add_image(name, _middle_slice(vol).numpy(), step, dataformats="HW")
 
-    # ----------------------------------------------------------------------------- progress bar
+    # ---------------------------------------------------------------------------------- progress
     def start_progress(self, initial: int, total: int) -> None:
+        """Show progress from iteration ``initial`` to ``total`` (``cfg.progress``; main rank only)."""
         if self.is_main and self.cfg.progress:
-            self._bar = tqdm(total=total, initial=initial, desc="train", unit="it", dynamic_ncols=True,
-                             file=sys.stderr)
+            self._progress = Progress(total, desc=f"train {self.cfg.exp}", initial=initial)
 
     def advance(self, loss: float) -> None:
-        if self._bar is not None:
-            self._bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-            self._bar.update(1)
+        if self._progress is not None:
+            self._progress.update(loss=loss)
 
     def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
+        if self._progress is not None:
+            self._progress.close()
+            self._progress = None
         if self.writer is not None:
             self.writer.close()
             self.writer = None

@@ -56,10 +56,12 @@ from utils.clicks import accumulate_clicks, next_clicks
 from utils.errors import ProjectError
 from utils.generalist import sam_znorm
 from utils.io import atomic_save, atomic_write, check_torch_file
+from utils.progress import Progress
 from utils.runtime import derived_seed
 
 __all__ = ["PretrainError", "PretrainConfig", "CKPT_FORMAT", "config_json_path", "resolve_arch", "build_model",
-           "H5Crops", "seg_loss", "interaction_loss", "simulate_padding", "lr_at", "save_checkpoint", "pretrain"]
+           "H5Crops", "seg_loss", "interaction_loss", "simulate_padding", "lr_at", "save_checkpoint", "pretrain",
+           "checkpoint_status", "ensure_pretrained"]
 
 log = logging.getLogger("pretrain")
 
@@ -414,8 +416,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     indices = range(start * cfg.batch_size, stop * cfg.batch_size)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=indices, num_workers=cfg.workers,
                         collate_fn=_collate, persistent_workers=False)
-    from tqdm import tqdm
-    bar = tqdm(total=cfg.iterations, initial=start, disable=not cfg.progress, desc="pretrain", unit="it")
+    bar = Progress(cfg.iterations, desc="pretrain generalist", initial=start, enabled=cfg.progress)
     dices: list[float] = []
     t = start
     for images, targets in loader:
@@ -437,8 +438,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
         t += 1
         losses.append(float(loss.detach()))
         dices.append(info["dice"])
-        bar.update(1)
-        bar.set_postfix(loss=f"{losses[-1]:.3f}", dice=f"{info['dice']:.3f}")
+        bar.update(loss=losses[-1], dice=info["dice"])
         if t % cfg.log_every == 0:
             window = losses[-cfg.log_every:]
             log.info("iteration %d loss %.4f (mean of last %d) dice %.3f lr %.2e", t, sum(window) / len(window),
@@ -449,3 +449,58 @@ def pretrain(cfg: PretrainConfig) -> dict:
     out = save_checkpoint(cfg.out, model, optimizer, t, config, cfg, losses)
     log.info("saved %s (iteration %d) and %s", out, t, config_json_path(out))
     return {"losses": losses, "dice": dices, "iteration": t, "out": out}
+
+
+# ----------------------------------------------------------------------------------------------- reuse
+
+# settings a finished checkpoint must share with a config to count as that config's model
+_SAME_MODEL = ("arch", "arch_config", "init", "data", "iterations", "batch_size", "lr", "weight_decay",
+               "lr_schedule", "warmup", "clip_grad", "seed", "num_clicks", "no_mask_prob", "fg_prob")
+
+
+def checkpoint_status(path, cfg: PretrainConfig) -> tuple[str, str]:
+    """('done' | 'partial' | 'mismatch' | 'missing', reason) of the checkpoint at ``path`` against ``cfg``:
+    done = a finished run with the same settings and architecture (config JSON beside it included); partial =
+    the same run, stopped early (resumable)."""
+    path = Path(path)
+    if not path.is_file():
+        return "missing", f"{path} does not exist"
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is simply not this run's checkpoint
+        return "mismatch", f"{path} cannot be read ({type(err).__name__}: {err})"
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
+        return "mismatch", f"{path} is not a {CKPT_FORMAT!r} checkpoint"
+    saved = ckpt.get("train_args", {})
+    diff = [f"{k} {saved.get(k)!r} (want {getattr(cfg, k)!r})" for k in _SAME_MODEL if saved.get(k) != getattr(cfg, k)]
+    if ckpt.get("config") != resolve_arch(cfg.arch, cfg.arch_config):
+        diff.append(f"architecture config differs from {cfg.arch_config or cfg.arch!r}")
+    if diff:
+        return "mismatch", f"{path} was trained with " + ", ".join(diff)
+    json_path = config_json_path(path)
+    if not json_path.is_file() or json.loads(json_path.read_text()) != ckpt["config"]:
+        return "mismatch", f"{json_path} is missing or differs from the checkpoint's architecture"
+    if int(ckpt.get("iteration", -1)) < cfg.iterations:
+        return "partial", f"{path} stopped at iteration {ckpt.get('iteration')} of {cfg.iterations}"
+    return "done", f"{path} holds a finished run with these settings"
+
+
+def ensure_pretrained(cfg: PretrainConfig, say=log.info) -> dict:
+    """The finished checkpoint of ``cfg`` at ``cfg.out``: reused when :func:`checkpoint_status` is 'done',
+    resumed when 'partial', else trained from scratch. ``say(message)`` reports which and why. Returns
+    dict(action 'reused' | 'resumed' | 'trained', and for a run: final_loss and final_click_dice, the means
+    over its last tenth)."""
+    status, reason = checkpoint_status(cfg.out, cfg)
+    if status == "done":
+        say(f"reusing {cfg.out} ({reason})")
+        return dict(action="reused")
+    if status == "partial":
+        say(f"{reason}; resuming it")
+        cfg = dataclasses.replace(cfg, resume=str(cfg.out))
+    else:
+        say(f"{reason}; pretraining {cfg.arch} for {cfg.iterations} iterations -> {cfg.out}")
+    result = pretrain(cfg)
+    tenth = max(1, len(result["losses"]) // 10)
+    dice = result["dice"][-max(1, len(result["dice"]) // 10):]
+    return dict(action="resumed" if cfg.resume else "trained", final_loss=float(np.mean(result["losses"][-tenth:])),
+                final_click_dice=float(np.mean(dice)) if dice else None)

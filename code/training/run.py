@@ -17,7 +17,7 @@ import sys
 from typing import Optional, Sequence
 
 from training import distributed as D
-from training.config import parse_config
+from training.config import parse_config, resolve_default_paths
 from training.engine import Trainer
 from training.interrupt import StopRequests, TrainingInterrupted, resume_command
 from training.outputs import RunOutput, check_run_folder, move_aside
@@ -124,6 +124,7 @@ def run_script(defaults: dict) -> Trainer:
     (``training.interrupt``) exits with status 128 + the signal number (130, 143) and no traceback, after
     logging where its resumable state is and the command that continues it."""
     restart_with_hugepage_malloc()
+    defaults = resolve_default_paths(defaults)     # the script's paths are relative to code/, not to the cwd
     try:
         return run_entry(lambda: main(defaults, sys.argv[1:]))
     except TrainingInterrupted as stop:

@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-__all__ = ["FigurePanel", "FigureCase", "pick_slices", "save_segmentation_figure"]
+__all__ = ["FigurePanel", "FigureCase", "pick_slices", "save_segmentation_figure", "comparison_case"]
 
 _FILL = ("#e6550d", "#3182bd", "#31a354", "#756bb1", "#de2d26", "#636363")
 _REFERENCE_FILL = "#fdd835"
@@ -144,3 +144,16 @@ def save_segmentation_figure(path, cases: Sequence[FigureCase], n_slices: int = 
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi)
     return path
+
+
+def comparison_case(name: str, image: np.ndarray, reference: np.ndarray, predictions: dict,
+                    generalist_notes: Sequence[dict]) -> FigureCase:
+    """A case comparing methods and the generalist prompted from each: one panel per method (its Dice in the
+    title), then one per ``generalist_notes`` entry (``utils.compare.generalist_check``: the generalist's mask
+    and crop box, its Dice inside the crop and the prompting method's there)."""
+    from utils.metrics import binary_dice
+    panels = [FigurePanel(f"{m}  Dice {binary_dice(p, reference):.2f}", p) for m, p in predictions.items()]
+    panels += [FigurePanel(f"SAM \u2190 {n['prompted_by']} clicks\ncrop Dice {n['sam_dice_in_crop']:.2f} "
+                           f"({n['prompted_by']} {n['prompt_dice_in_crop']:.2f})", n["mask"], n["box"])
+               for n in generalist_notes]
+    return FigureCase(name, image, reference, panels)

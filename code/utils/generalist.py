@@ -362,13 +362,15 @@ class GeneralistBranch:
             raise ValueError(f"student_fg_prob must be a probability in [0, 1]; got range "
                              f"[{lo.item():.4g}, {hi.item():.4g}] (pass softmax(logits)[:, 1], not logits)")
 
-    def pseudo_labels(self, images: torch.Tensor, student_fg_prob: torch.Tensor) -> PseudoLabels:
+    def pseudo_labels(self, images: torch.Tensor, student_fg_prob: torch.Tensor,
+                      embeddings: Sequence[ImageEmbedding] | None = None) -> PseudoLabels:
         """images (B, 1, X, Y, Z), student_fg_prob (B, X, Y, Z) in [0, 1] -> ``PseudoLabels``.
 
-        ``student_fg_prob`` is the only source of prompts (never a label); it is detached here."""
+        ``student_fg_prob`` is the only source of prompts (never a label); it is detached here. ``embeddings``:
+        ``encode(images)`` made earlier (e.g. once for the prompts of several classes); None encodes here."""
         self._check_inputs(images, student_fg_prob)
         with torch.inference_mode():
-            out = self._run(images.detach(), student_fg_prob.detach())
+            out = self._run(images.detach(), student_fg_prob.detach(), embeddings)
         # clones made outside inference mode are normal tensors that autograd may save as targets
         out.pseudo_label, out.confidence = out.pseudo_label.clone(), out.confidence.clone()
         return out
@@ -380,14 +382,15 @@ class GeneralistBranch:
         out = self.pseudo_labels(images, student_fg_prob)
         return out.pseudo_label, out.confidence
 
-    def _run(self, images: torch.Tensor, student_fg_prob: torch.Tensor) -> PseudoLabels:
+    def _run(self, images: torch.Tensor, student_fg_prob: torch.Tensor,
+             embeddings: Sequence[ImageEmbedding] | None = None) -> PseudoLabels:
         counts = torch.zeros(2, dtype=torch.long, device=images.device)
         variants: list[torch.Tensor] = []
         record = self.unc_clicks if self.prompt == "unc" else (self.num_clicks,)
         # SAM's mask is empty before click 1, so that click depends only on the student: make it
         # once per call (and SAM input size) for all models; its EDT is the costly CPU step
         first_clicks: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        for embedding in self.encode(images):
+        for embedding in self.encode(images) if embeddings is None else embeddings:
             geom = embedding.geometry
             if self.prompt in ("point", "unc"):
                 target = geom.region_target(student_fg_prob)
@@ -410,6 +413,26 @@ class GeneralistBranch:
             foreground_fraction=pseudo_label.mean(), mean_confidence=confidence.mean(),
             dice_vs_student=torch.where(denom > 0, 2 * inter / denom, torch.ones_like(denom)))
         return PseudoLabels(pseudo_label, confidence, tuple(variants), stats)
+
+
+def combine_classes(per_class: Sequence[PseudoLabels]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pseudo-label from the generalist's binary answers for the foreground classes 1..K-1 (SAM-Med3D is
+    binary: it is prompted once per class).
+
+    per_class[k - 1]: the answer for class k (pseudo_label and confidence (B, X, Y, Z)). Returns label int64
+    (B, X, Y, Z) in 0..K-1 and confidence float32 (B, X, Y, Z): a voxel in one class's mask takes that class;
+    in several, the class whose answer is most confident there (the lower class on ties); in none, background
+    with the least confident class's confidence (every class's answer said "not mine"). The voxel's confidence
+    is that of the answer it took."""
+    masks = torch.stack([p.pseudo_label > 0.5 for p in per_class])            # (K-1, B, X, Y, Z)
+    conf = torch.stack([p.confidence for p in per_class])
+    score = torch.where(masks, conf, torch.full_like(conf, -1.0))
+    winner = score.argmax(dim=0)                                               # the first maximum on ties
+    best = score.gather(0, winner.unsqueeze(0)).squeeze(0)
+    covered = masks.any(dim=0)
+    label = torch.where(covered, winner + 1, torch.zeros_like(winner))
+    confidence = torch.where(covered, best, conf.min(dim=0).values)
+    return label, confidence
 
 
 def pseudo_label(models, images: torch.Tensor, student_fg_prob: torch.Tensor, prompt: str = "point",

@@ -1,12 +1,18 @@
-"""Tables of results for people: GitHub markdown (summary.md, benchmark reports) and plain text (terminal).
+"""Tables of results for people: GitHub markdown (summary.md, benchmark reports) and plain text (terminal),
+the side-by-side table of methods, and the demo's summary.md.
 
-Both align the first column left (names) and the others right (numbers), so columns of figures line up.
+Tables align the first column left (names) and the others right (numbers), so columns of figures line up.
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Sequence
 
-__all__ = ["markdown_table", "text_table"]
+__all__ = ["markdown_table", "text_table", "METRICS", "side_by_side", "per_case_rows", "demo_markdown"]
+
+# (key in the evaluation records, shown name, unit: '%' for fractions shown x100, None for distances)
+METRICS = (("dice", "Dice", "%"), ("jaccard", "Jaccard", "%"), ("hd95", "HD95", None), ("asd", "ASD", None))
 
 
 def _widths(header: Sequence, rows: Sequence[Sequence]) -> list[int]:
@@ -34,3 +40,79 @@ def text_table(header: Sequence, rows: Sequence[Sequence]) -> str:
     lines = ["  ".join(_cells(r, widths)) for r in [header, *rows]]
     lines.insert(1, "-" * len(lines[0]))
     return "\n".join(lines)
+
+
+def _cell(summary: dict, key: str, unit) -> str:
+    scale = 100.0 if unit == "%" else 1.0
+    return f"{scale * summary['mean'][key]:.2f} ± {scale * summary['std'][key]:.2f}"
+
+
+def side_by_side(results: dict, unit: str) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of the methods' metrics side by side: one row per metric, one 'mean ± std' column per
+    method, in the order of ``results`` ({method: {'mean': {...}, 'std': {...}}}); Dice / Jaccard in %,
+    distances in ``unit``."""
+    header = ["metric", *results]
+    rows = [[f"{name} ({u or unit})", *(_cell(r, key, u) for r in results.values())] for key, name, u in METRICS]
+    return header, rows
+
+
+def per_case_rows(results: dict, unit: str) -> tuple[list[str], list[list[str]]]:
+    """(header, rows): per test case, each method's Dice (%) then each method's HD95 (``unit``)."""
+    shown = [(key, name, u) for key, name, u in METRICS if key in ("dice", "hd95")]
+    header = ["case"] + [f"{m} {name} ({u or unit})" for key, name, u in shown for m in results]
+    by_case = {m: {c["case"]: c for c in r["cases"]} for m, r in results.items()}
+    first = next(iter(by_case.values()))
+    rows = [[case] + [f"{(100 if u else 1) * by_case[m][case][key]:.2f}" for key, name, u in shown for m in results]
+            for case in first]
+    return header, rows
+
+
+def demo_markdown(summary: dict) -> str:
+    """summary.md of a demo run from its summary.json dict (demo.py documents the keys)."""
+    r, unit = summary["results"], summary["distance_unit"]
+    m, d, g = summary["machine"], summary["data"], summary["generalist"]
+    gen = f"**{g['kind']}** `{g['path']}` ({g['action']}"
+    if g.get("pretrain_iterations"):
+        gen += f", {g['pretrain_arch']} pretrained for {g['pretrain_iterations']} iterations on synthetic shapes"
+    gen += ")"
+    verdicts = "\n\n".join(f"**{c['statement']}**" for c in summary["comparisons"])
+    settings = [[k, json.dumps(v)] for k, v in summary["settings"].items()]
+    times = [[k, f"{v:.1f}"] for k, v in summary["wall_seconds"].items()]
+    figure = summary["figure"]
+    return f"""# SemiSAM demo{' (--quick: smoke-test settings, the numbers mean nothing)' if summary['quick'] else ''}
+
+{summary['about']}
+
+Data: **{d['kind']}** ({d['action']}; `{d['root_path']}`). Generalist: {gen}.
+Metrics: test_LA.py's protocol on {summary['n_test_cases']} test cases, last checkpoint, largest-connected-component
+post-processing; mean ± std (population) over cases; distances in **{unit}**.
+
+{markdown_table(*side_by_side(r, unit))}
+
+{verdicts}
+
+{figure['check']['statement']}
+
+{markdown_table(*per_case_rows(r, unit))}
+
+Figure: `{Path(figure['path']).name}` (image, ground truth, each method, and SAM's pseudo-label when prompted with
+clicks from each method's prediction).
+
+## Settings
+
+The training schedule is the official one compressed to `iterations` (`lr_step`, `rampup_block`).
+
+{markdown_table(["setting", "value"], settings)}
+
+## Wall times
+
+{markdown_table(["stage", "seconds"], times)}
+
+## Machine
+
+{m['platform']}; {m['cpu']} ({', '.join(m['cpu_flags']) or 'no AVX2/AVX-512 flags'}); {m['cpu_count']} CPUs
+({m['usable_cores']} usable); torch {m['torch']} with {m['torch_threads']} thread(s) on {m['device']}; load average
+(1, 5, 15 min) at start {summary['loadavg_start']}, at end {summary['loadavg_end']}; {m['date_utc']}.
+
+{summary['reproducibility']}
+"""

@@ -90,14 +90,16 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def default_threads(share: int = 1) -> int:
-    """The cores left idle by the current load (1-minute load average), divided among ``share`` processes
-    (e.g. the ranks of one machine), at least 1.
+def default_threads(requested: int = 0, share: int = 1) -> int:
+    """``requested`` when > 0, else the cores left idle by the current load (1-minute load average), divided
+    among ``share`` processes (e.g. the ranks of one machine), at least 1.
 
     On a shared machine, more compute threads than idle cores makes torch's spinning OpenMP threads fight the
     other processes, and a step becomes many times slower than with fewer threads (results/history.md,
     "Numbers moved out of code comments"); torch's own default takes every core whatever the load.
     """
+    if requested > 0:
+        return int(requested)
     cores = usable_cores()
     try:
         load = os.getloadavg()[0]
@@ -116,7 +118,7 @@ def apply_threads(requested: Optional[int], share: int = 1) -> tuple[int, str]:
     if requested:
         threads, how = int(requested), "--threads"
     else:
-        threads = default_threads(share)
+        threads = default_threads(share=share)
         how = (f"the cores left idle by the load ({usable_cores()} usable, 1-minute load average "
                f"{(loadavg() or ['?'])[0]}" + (f", shared by {share} processes" if share > 1 else "") + ")")
     torch.set_num_threads(threads)
