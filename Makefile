@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 DEMO_ARGS ?=
-TEST_ARGS ?= -q
+TEST_ARGS ?= -q -ra
 
 VENV_PY := $(abspath $(VENV))/bin/python
 STAMP := $(VENV)/.requirements-installed
