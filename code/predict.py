@@ -21,10 +21,10 @@ import torch
 from dataloaders.prepare import DATASET_JSON, PrepareError, SourceCase, preprocess_case, to_source_grid
 from utils.bf16 import require_native_bf16
 from utils.runtime import resolve_device
-from utils.cli import HelpFormatter, add_threads_flag, apply_threads_flag
+from utils.cli import HelpFormatter, add_threads_flag, add_window_flags, apply_threads_flag
 from utils.errors import ConfigError, run_entry
-from utils.inference import (CheckpointError, largest_component_per_class, load_specialist, sliding_window_predict,
-                             training_config_beside)
+from utils.inference import (largest_component_per_class, load_for_classes, sliding_window_predict,
+                             window_for)
 
 PATCH_SIZE = (112, 112, 80)     # used when no config.json lies beside the checkpoint
 STRIDE_XY = 18
@@ -91,14 +91,8 @@ def main(argv=None) -> list[Path]:
     p.add_argument("--output", required=True, help="folder for the <case>.nii.gz predictions")
     p.add_argument("--dataset", default=None, help="the prepared dataset the model was trained on (its "
                                                    "spacing, normalisation and labels)")
-    p.add_argument("--patch_size", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"),
-                   help=f"window (default: the training patch from config.json beside the checkpoint, else "
-                        f"{' '.join(map(str, PATCH_SIZE))})")
-    p.add_argument("--stride_xy", type=int, default=STRIDE_XY, help="sliding-window stride along X and Y")
-    p.add_argument("--stride_z", type=int, default=STRIDE_Z, help="sliding-window stride along Z")
+    add_window_flags(p, STRIDE_XY, STRIDE_Z, PATCH_SIZE)
     p.add_argument("--no_lcc", action="store_true", help="keep every component (default: the largest per class)")
-    p.add_argument("--amp", choices=("none", "bf16"), default="none", help="autocast dtype of the forward passes")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--overwrite", action="store_true", help="replace existing predictions")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
     add_threads_flag(p)
@@ -115,16 +109,9 @@ def main(argv=None) -> list[Path]:
     if existing and not args.overwrite:
         raise ConfigError(f"{existing[0]} exists ({len(existing)} of the predictions); pass --overwrite to "
                            f"replace them")
-    net, config = load_specialist(args.model_path, device=device)
+    net, config = load_for_classes(args.model_path, sorted(settings["labels"], key=settings["labels"].get), device)
     num_classes = int(config["n_classes"])
-    n_labels = len(settings["labels"])
-    if num_classes != n_labels:
-        raise CheckpointError(f"{args.model_path}: the network has {num_classes} output classes but the dataset "
-                              f"has {n_labels} labels {sorted(settings['labels'], key=settings['labels'].get)}")
-    patch = args.patch_size
-    if patch is None:
-        trained = training_config_beside(args.model_path)
-        patch = trained["patch_size"] if trained and "patch_size" in trained else PATCH_SIZE
+    patch = window_for(args.model_path, args.patch_size, PATCH_SIZE)
     out_dir.mkdir(parents=True, exist_ok=True)
     amp_dtype = torch.bfloat16 if args.amp == "bf16" else None
     iterator = list(zip(files, targets))

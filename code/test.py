@@ -23,9 +23,9 @@ from dataloaders.prepare import CASES_DIR
 from predict import dataset_settings
 from utils.bf16 import require_native_bf16
 from utils.runtime import resolve_device
-from utils.cli import HelpFormatter, add_threads_flag, apply_threads_flag
+from utils.cli import HelpFormatter, add_threads_flag, add_window_flags, apply_threads_flag
 from utils.errors import run_entry
-from utils.inference import CheckpointError, evaluate_classes, load_specialist, training_config_beside
+from utils.inference import evaluate_classes, load_for_classes, window_for
 
 PATCH_SIZE = (112, 112, 80)     # used when no config.json lies beside the checkpoint
 STRIDE_XY = 18
@@ -56,15 +56,9 @@ def main(argv=None) -> dict:
     p.add_argument("--model_path", required=True, help="student checkpoint (iter_N.pth, released .pth, train_state.pth)")
     p.add_argument("--test_list", default=None, help="case list (default <dataset>/test.list)")
     p.add_argument("--out_dir", default=None, help="default: <checkpoint folder>/test_<checkpoint name>")
-    p.add_argument("--patch_size", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"),
-                   help=f"window (default: the training patch from config.json beside the checkpoint, else "
-                        f"{' '.join(map(str, PATCH_SIZE))})")
-    p.add_argument("--stride_xy", type=int, default=STRIDE_XY, help="sliding-window stride along X and Y")
-    p.add_argument("--stride_z", type=int, default=STRIDE_Z, help="sliding-window stride along Z")
+    add_window_flags(p, STRIDE_XY, STRIDE_Z, PATCH_SIZE)
     p.add_argument("--no_post", dest="post_process", action="store_false",
                    help="keep every component (default: the largest of each class)")
-    p.add_argument("--amp", choices=("none", "bf16"), default="none", help="autocast dtype of the forward passes")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     add_threads_flag(p)
     args = p.parse_args(argv)
     apply_threads_flag(args.threads)
@@ -74,14 +68,8 @@ def main(argv=None) -> dict:
     info = dataset_settings(args.dataset)
     names = info["class_names"]
     cases = read_list(args.test_list or Path(args.dataset) / "test.list")
-    net, config = load_specialist(args.model_path, device=device)
-    if int(config["n_classes"]) != len(names):
-        raise CheckpointError(f"{args.model_path}: the network has {config['n_classes']} output classes but the "
-                              f"dataset has {len(names)} labels {names}")
-    patch = args.patch_size
-    if patch is None:
-        trained = training_config_beside(args.model_path)
-        patch = trained["patch_size"] if trained and "patch_size" in trained else PATCH_SIZE
+    net, _ = load_for_classes(args.model_path, names, device)
+    patch = window_for(args.model_path, args.patch_size, PATCH_SIZE)
     ckpt = Path(args.model_path)
     out_dir = Path(args.out_dir) if args.out_dir else ckpt.parent / f"test_{ckpt.stem}"
     out_dir.mkdir(parents=True, exist_ok=True)

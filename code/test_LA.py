@@ -30,7 +30,7 @@ from utils.bf16 import require_native_bf16
 from dataloaders.layout import repo_default
 from utils.cli import HelpFormatter, add_threads_flag, apply_threads_flag
 from utils.errors import CheckpointError, run_entry
-from utils.inference import checkpoint_path, evaluate, load_specialist, training_config_beside
+from utils.inference import DEFAULT_WINDOW, checkpoint_path, evaluate, load_specialist, window_for
 
 # default paths are relative to code/ (resolved by dataloaders.layout.repo_default, so they name the same folders
 # from any working directory); paths given as flags are relative to the working directory
@@ -41,7 +41,7 @@ MODEL_PATH = None                  # explicit checkpoint file; None: <MODEL_DIR>
 EXP = "LA/SemiSAM_MT"               # train_LA_semisam_mt.py's EXP
 ITERATION = 6000                   # or "best" -> best_model.pth
 PATCH_SIZE = None                  # None: the training patch (config.json beside the checkpoint), else DEFAULT_PATCH
-DEFAULT_PATCH = (112, 112, 80)     # UA-MT's test_LA.py window (SemiSAM's evaluates with its 128^3 training patch)
+DEFAULT_PATCH = DEFAULT_WINDOW     # UA-MT's test_LA.py window (SemiSAM's evaluates with its 128^3 training patch)
 STRIDE_XY = 18
 STRIDE_Z = 4
 NUM_CLASSES = 2
@@ -146,23 +146,6 @@ def resolve_paths(args) -> tuple[Path, Path, Path]:
     return ckpt, test_list, out_dir
 
 
-def window_for(ckpt: Path, patch_size) -> list[int]:
-    """The sliding window: ``patch_size`` when given (with a note when it differs from the training patch in
-    config.json beside the checkpoint), else that training patch, else DEFAULT_PATCH."""
-    trained = training_config_beside(ckpt)
-    trained_patch = list(trained["patch_size"]) if trained and "patch_size" in trained else None
-    if patch_size is None:
-        if trained_patch is None:
-            print(f"window {DEFAULT_PATCH} (no config.json beside {ckpt}: UA-MT's test window)")
-            return list(DEFAULT_PATCH)
-        print(f"window {tuple(trained_patch)}: the training patch, from {ckpt.parent / 'config.json'}")
-        return trained_patch
-    if trained_patch is not None and list(patch_size) != trained_patch:
-        print(f"note: --patch_size {tuple(patch_size)} differs from the training patch {tuple(trained_patch)} in "
-              f"{ckpt.parent / 'config.json'}")
-    return list(patch_size)
-
-
 def nifti_affine(spacing) -> np.ndarray:
     """4x4 affine with the voxel size on the diagonal (identity when spacing is None)."""
     return np.diag(list(spacing if spacing is not None else (1.0, 1.0, 1.0)) + [1.0])
@@ -236,7 +219,7 @@ def main(argv=None) -> dict:
     if args.max_cases is not None:
         cases = cases[:args.max_cases]
     net, config = load_specialist(ckpt, args.n_filters, args.normalization, device)
-    args.patch_size = window_for(ckpt, args.patch_size)
+    args.patch_size = window_for(ckpt, args.patch_size, DEFAULT_PATCH)
     if config["n_classes"] != NUM_CLASSES:
         raise CheckpointError(f"checkpoint {ckpt} has {config['n_classes']} output classes, LA needs {NUM_CLASSES}")
     for case in cases:

@@ -15,6 +15,20 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
     """Defaults shown for every flag with help text; the description printed as written."""
 
 
+def add_window_flags(parser: argparse.ArgumentParser, stride_xy: int = 18, stride_z: int = 4,
+                     default_window: tuple = (112, 112, 80)) -> None:
+    """The sliding-window evaluation flags of predict.py and test.py: --patch_size (default: the training patch
+    from config.json beside the checkpoint), --stride_xy, --stride_z, --amp, --device."""
+    a = parser.add_argument
+    a("--patch_size", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"),
+      help=f"window (default: the training patch from config.json beside the checkpoint, else "
+           f"{' '.join(map(str, default_window))})")
+    a("--stride_xy", type=int, default=stride_xy, help="sliding-window stride along X and Y")
+    a("--stride_z", type=int, default=stride_z, help="sliding-window stride along Z")
+    a("--amp", choices=("none", "bf16"), default="none", help="autocast dtype of the forward passes")
+    a("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+
+
 def add_threads_flag(parser: argparse.ArgumentParser, default: int = 0) -> None:
     parser.add_argument("--threads", type=int, default=default, help=THREADS_HELP)
 

@@ -457,6 +457,37 @@ def training_config_beside(checkpoint) -> dict | None:
         raise CheckpointError(f"{path}: not valid JSON ({err})") from None
 
 
+DEFAULT_WINDOW = (112, 112, 80)     # UA-MT's test_LA.py window (SemiSAM's evaluates with its 128^3 training patch)
+
+
+def window_for(ckpt, patch_size=None, default=DEFAULT_WINDOW) -> list[int]:
+    """The sliding window for a checkpoint, said on stdout: ``patch_size`` when given (with a note when it
+    differs from the training patch in config.json beside the checkpoint), else that training patch, else
+    ``default``."""
+    ckpt = Path(ckpt)
+    trained = training_config_beside(ckpt)
+    trained_patch = list(trained["patch_size"]) if trained and "patch_size" in trained else None
+    if patch_size is None:
+        if trained_patch is None:
+            print(f"window {tuple(default)} (no config.json beside {ckpt})")
+            return list(default)
+        print(f"window {tuple(trained_patch)}: the training patch, from {ckpt.parent / 'config.json'}")
+        return trained_patch
+    if trained_patch is not None and list(patch_size) != trained_patch:
+        print(f"note: --patch_size {tuple(patch_size)} differs from the training patch {tuple(trained_patch)} in "
+              f"{ckpt.parent / 'config.json'}")
+    return list(patch_size)
+
+
+def load_for_classes(path, class_names: Sequence[str], device="cpu") -> tuple[VNet, dict]:
+    """:func:`load_specialist`, checked to output one channel per class of ``class_names`` (background first)."""
+    net, config = load_specialist(path, device=device)
+    if int(config["n_classes"]) != len(class_names):
+        raise CheckpointError(f"{path}: the network has {config['n_classes']} output classes but the dataset has "
+                              f"{len(class_names)} labels {list(class_names)}")
+    return net, config
+
+
 def checkpoint_path(model_dir, iteration) -> Path:
     """UA-MT's names: ``<model_dir>/iter_<N>.pth``; ``iteration='best'`` -> ``best_model.pth``."""
     if str(iteration) == "best":
