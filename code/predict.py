@@ -19,9 +19,7 @@ import SimpleITK as sitk
 import torch
 
 from dataloaders.prepare import DATASET_JSON, PrepareError, SourceCase, preprocess_case, to_source_grid
-from utils.bf16 import require_native_bf16
-from utils.runtime import resolve_device
-from utils.cli import HelpFormatter, add_threads_flag, add_window_flags, apply_threads_flag
+from utils.cli import HelpFormatter, add_threads_flag, add_window_flags, apply_runtime_flags
 from utils.errors import ConfigError, run_entry
 from utils.inference import (largest_component_per_class, load_for_classes, sliding_window_predict,
                              window_for)
@@ -97,10 +95,7 @@ def main(argv=None) -> list[Path]:
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
     add_threads_flag(p)
     args = p.parse_args(argv)
-    apply_threads_flag(args.threads)
-    device = resolve_device(args.device)
-    if args.amp == "bf16":
-        require_native_bf16(device)
+    device = apply_runtime_flags(args)
     settings = dataset_settings(args.dataset)
     files = input_files(Path(args.input))
     out_dir = Path(args.output)

@@ -21,9 +21,7 @@ import torch
 from dataloaders.la_heart import read_list
 from dataloaders.prepare import CASES_DIR
 from predict import dataset_settings
-from utils.bf16 import require_native_bf16
-from utils.runtime import resolve_device
-from utils.cli import HelpFormatter, add_threads_flag, add_window_flags, apply_threads_flag
+from utils.cli import HelpFormatter, add_threads_flag, add_window_flags, apply_runtime_flags
 from utils.errors import run_entry
 from utils.inference import evaluate_classes, load_for_classes, window_for
 
@@ -61,10 +59,7 @@ def main(argv=None) -> dict:
                    help="keep every component (default: the largest of each class)")
     add_threads_flag(p)
     args = p.parse_args(argv)
-    apply_threads_flag(args.threads)
-    device = resolve_device(args.device)
-    if args.amp == "bf16":
-        require_native_bf16(device)
+    device = apply_runtime_flags(args)
     info = dataset_settings(args.dataset)
     names = info["class_names"]
     cases = read_list(args.test_list or Path(args.dataset) / "test.list")

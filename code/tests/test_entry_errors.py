@@ -11,7 +11,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 import torch
@@ -20,6 +19,7 @@ from networks.sam_med3d import build_sam3d_from_config
 from networks.vnet import VNet
 from utils.errors import ConfigError, DataError, ProjectError, one_line, run_entry
 
+from test_la_heart import write_case as la_heart_case
 from test_train_common import tiny_sam_config
 
 CODE_DIR = Path(__file__).resolve().parents[1]
@@ -28,18 +28,8 @@ GOOD = ["C0", "C1", "C2"]
 
 
 def write_case(base: Path, case: str, seed: int, image=None, label=None) -> Path:
-    """<base>/<case>/mri_norm2.h5 with a random valid case; ``image``/``label`` replace it, False omits it."""
-    rng = np.random.default_rng(seed)
-    image = rng.standard_normal(SHAPE).astype(np.float32) if image is None else image
-    label = (rng.random(SHAPE) > 0.7).astype(np.uint8) if label is None else label
-    (base / case).mkdir(parents=True, exist_ok=True)
-    path = base / case / "mri_norm2.h5"
-    with h5py.File(path, "w") as f:
-        if image is not False:
-            f.create_dataset("image", data=image, compression="gzip")
-        if label is not False:
-            f.create_dataset("label", data=label, compression="gzip")
-    return path
+    """<base>/<case>/mri_norm2.h5 with a random valid case of SHAPE; ``image``/``label`` replace it, False omits it."""
+    return la_heart_case(base, case, image=image, label=label, shape=SHAPE, seed=seed)
 
 
 def write_list(path: Path, cases) -> Path:

@@ -29,6 +29,18 @@ def add_window_flags(parser: argparse.ArgumentParser, stride_xy: int = 18, strid
     a("--device", default="auto", help="auto | cpu | cuda | cuda:N")
 
 
+def apply_runtime_flags(args: argparse.Namespace):
+    """``--threads``, ``--device`` and ``--amp`` of an evaluation script: sets the thread count, resolves the
+    device and refuses ``--amp bf16`` where it would be emulated; returns the torch device."""
+    from utils.bf16 import require_native_bf16
+    from utils.runtime import resolve_device
+    apply_threads_flag(args.threads)
+    device = resolve_device(args.device)
+    if args.amp == "bf16":
+        require_native_bf16(device)
+    return device
+
+
 def add_threads_flag(parser: argparse.ArgumentParser, default: int = 0) -> None:
     parser.add_argument("--threads", type=int, default=default, help=THREADS_HELP)
 
