@@ -322,7 +322,8 @@ def test_makefile_demo_and_test_targets(tmp_path):
     assert lines == [f"test -x {py} || python3 -m venv {tmp_path / 'venv'}", f"{py} -m pip install -r requirements.txt",
                      f"touch {tmp_path / 'venv'}/.requirements-installed", f"cd code && {py} demo.py "]
     assert _make("demo", "DEMO_ARGS=--quick", venv=tmp_path / "venv").splitlines()[-1].endswith("demo.py --quick")
-    assert _make("test", venv=tmp_path / "venv").splitlines()[-1] == f"cd code && {py} -m pytest tests -q"
+    # the README's test command, skip reasons shown
+    assert _make("test", venv=tmp_path / "venv").splitlines()[-1] == f"cd code && {py} -m pytest tests -q -ra"
     # an installed venv (stamp newer than requirements.txt) is not touched again
     (tmp_path / "venv").mkdir()
     stamp = tmp_path / "venv" / ".requirements-installed"
