@@ -105,13 +105,15 @@ def test_bf16_validation_path_is_probed_at_start(la_root, la_data_dir, train_lis
     assert not (tmp_path / "bf16").exists()
 
 
-def test_the_real_bf16_validation_probe_passes_where_bf16_is_native():
+def test_the_real_bf16_validation_probe_passes_where_bf16_is_native_and_refuses_elsewhere():
     from training.amp_check import check_bf16_validation
-    from utils.bf16 import native_cpu_bf16
-    if not native_cpu_bf16():
-        pytest.skip("this CPU has no native bfloat16: the scripts refuse --amp bf16 here")
+    from utils.bf16 import NoNativeBf16Error, native_cpu_bf16
     before = torch.get_rng_state()
-    check_bf16_validation(torch.device("cpu"))
+    if native_cpu_bf16():
+        check_bf16_validation(torch.device("cpu"))
+    else:   # a CPU without native bfloat16: refused with the one-line reason, before any inference
+        with pytest.raises(NoNativeBf16Error, match=r"--amp bf16 \(validation\): this CPU has no native bfloat16"):
+            check_bf16_validation(torch.device("cpu"))
     assert torch.equal(torch.get_rng_state(), before)      # the run's random streams are untouched
 
 
