@@ -93,8 +93,7 @@ class GeneralistTerm(Term):
                 embeddings = self.branch.encode(batch.images.detach())
             answers = [self.branch.pseudo_labels(batch.images, prob[:, k].detach(), embeddings)
                        for k in range(1, prob.shape[1])]
-            label, confidence = combine_classes(answers)
-            label, confidence = label.clone(), confidence.clone()      # normal tensors (targets for autograd)
+            label, confidence = combine_classes(answers)      # from the answers' normal tensors: usable as targets
         with batch.timer("loss"):
             loss = torch.stack([self.loss(prob[:, k], dataclasses.replace(
                 answers[k - 1], pseudo_label=(label == k).float(), confidence=confidence))
