@@ -95,7 +95,9 @@ def test_neighbours_are_as_bright_as_the_atrium_and_unlabelled(full_size_cases):
         assert case.neighbours.sum() > 0.5 * lab.sum()
         assert not (case.neighbours.astype(bool) & lab).any()
         level = np.median(case.image[lab])
-        assert abs(np.median(case.image[case.neighbours > 0]) - level) < 0.5 * case.image[lab].std() + 0.3
+        # a threshold that keeps 3/4 of the atrium keeps most of the neighbours too (the bias field makes them
+        # brighter or darker than the atrium, case by case)
+        assert np.mean(case.image[case.neighbours > 0] > np.quantile(case.image[lab], 0.25)) > 0.5
         bright_outside = np.count_nonzero((case.image > level) & ~lab)
         assert bright_outside > 0.25 * np.count_nonzero(case.image[lab] > level)
 

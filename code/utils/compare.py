@@ -4,6 +4,7 @@ what a generalist adds when prompted from each method's predictions.
     results = {name: evaluate_checkpoint(ckpt, root, cases, ...) for name, ckpt in checkpoints.items()}
     verdict = paired_comparison(results["MT"], results["SemiSAM"], "MT", "SemiSAM")
     notes = generalist_check(branch, image, gt, {name: prediction}, size, device)   # one test case
+    scores = ground_truth_click_scores(branch, root, cases, size, device)  # the generalist's own quality
     check = check_generalist(branch, root, {name: {case: prediction}}, size, device, "MT", n_figure)  # all kept
 
 Used by the demo; a study over seeds and generalists (several runs per method) calls the same functions.
@@ -22,7 +23,8 @@ from utils.inference import evaluate, load_specialist
 from utils.metrics import binary_dice
 
 __all__ = ["METRIC_KEYS", "ComparisonError", "summarize_cases", "evaluate_checkpoint", "paired_comparison", "crop_box",
-           "pseudo_label_in_crop", "generalist_check", "generalist_verdict", "check_generalist"]
+           "pseudo_label_in_crop", "generalist_check", "generalist_verdict", "check_generalist",
+           "ground_truth_click_scores", "corpus_click_scores", "summarize_scores"]
 
 METRIC_KEYS = ("dice", "jaccard", "hd95", "asd")
 
@@ -184,3 +186,54 @@ def check_generalist(branch, base_dir, predictions: dict, size, device, baseline
                        sam_dice_in_crop=n["sam_dice_in_crop"], prompt_dice_in_crop=n["prompt_dice_in_crop"])
                   for n in case_notes]
     return dict(check=generalist_verdict(notes, list(predictions), baseline), notes=notes, figure=figure)
+
+
+# ------------------------------------------------------------------------------- generalist quality
+def ground_truth_click_scores(branch, base_dir, cases: Sequence[str], size, device,
+                              say: Callable[[str], None] | None = None) -> list[dict]:
+    """The generalist's quality on labeled cases: clicks simulated from the GROUND TRUTH (the branch's click
+    protocol, ``branch.num_clicks`` of them) in the crop of ``size`` centred on the target (as a training
+    patch around the atrium would be), scored by Dice inside that crop. Any label > 0 is the target.
+
+    This reads labels, so it is an evaluation of a generalist, never part of training. Returns one dict per
+    case: case, dice (fraction), box, target_voxels."""
+    from dataloaders.la_heart import load_case
+    records = []
+    for case in cases:
+        image, label = load_case(base_dir, case, with_label=True)
+        target = (label > 0).astype(np.uint8)
+        mask, box = pseudo_label_in_crop(branch, image, target, size, device)
+        sl = tuple(slice(a, b) for a, b in box)
+        records.append(dict(case=case, dice=binary_dice(mask[sl], target[sl]), box=[list(b) for b in box],
+                            target_voxels=int(target[sl].sum())))
+        if say:
+            say(f"{case}: Dice {100 * records[-1]['dice']:.2f} % with {branch.num_clicks} clicks")
+    return records
+
+
+def corpus_click_scores(branch, img_size: int, n: int, seed: int, device,
+                        say: Callable[[str], None] | None = None) -> list[dict]:
+    """The generalist's quality on ``n`` scenes of the synthetic shape corpus drawn with ``seed`` (held out
+    when ``seed`` differs from the pretraining data seed: every scene is a pure function of (seed, index)),
+    each a whole ``img_size``^3 scene with one target object, clicks simulated from its mask. Returns one dict
+    per scene: index, dice (fraction), target_voxels."""
+    from dataloaders.shape_corpus import ShapeCorpus
+    corpus = ShapeCorpus(img_size, seed=seed)
+    records = []
+    for i in range(n):
+        item = corpus[i]
+        image = item["image"][None].to(device)                     # (1, 1, S, S, S)
+        target = item["label"].bool()
+        mask, _ = branch(image, target[None].float().to(device))
+        records.append(dict(index=i, dice=binary_dice(mask[0].cpu().numpy() > 0, target.numpy()),
+                            target_voxels=int(target.sum())))
+        if say:
+            say(f"scene {i}: Dice {100 * records[-1]['dice']:.2f} % with {branch.num_clicks} clicks")
+    return records
+
+
+def summarize_scores(records: Sequence[dict]) -> dict:
+    """n, mean and population std (both in %) and min of the ``dice`` of ``records``."""
+    d = np.array([r["dice"] for r in records], dtype=np.float64) * 100
+    return dict(n=int(len(d)), dice_mean=float(d.mean()) if len(d) else math.nan,
+                dice_std=float(d.std()) if len(d) else math.nan, dice_min=float(d.min()) if len(d) else math.nan)
