@@ -18,6 +18,7 @@ from networks.sam_med3d import (LayerNorm3d, Sam3D, build_sam3d_from_config, sam
                                 set_attention_impl)
 from networks.sam_med3d.build import _make_config
 from networks.sam_med3d.image_encoder import Attention, add_decomposed_rel_pos
+from utils.golden import randomize_   # the fixtures' re-randomisation rules
 
 RTOL, ATOL = 1e-4, 1e-5
 IMPLS = ("fast", "reference")
@@ -26,29 +27,6 @@ CASES = ("points_and_mask", "points_only", "mask_only")
 
 def close(actual, expected, atol=ATOL, rtol=RTOL, msg=""):
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m: f"{msg}: {m}")
-
-
-def randomize_(model: nn.Module, seed: int) -> nn.Module:
-    """Overwrite every state entry at O(1) scale (the fixtures' re-randomisation rules)."""
-    g = torch.Generator().manual_seed(seed)
-    modules = dict(model.named_modules())
-    new = {}
-    for key, value in model.state_dict().items():
-        mod_name, _, pname = key.rpartition(".")
-        mod = modules[mod_name]
-        if isinstance(mod, (nn.LayerNorm, LayerNorm3d)):
-            new[key] = (1.0 if pname == "weight" else 0.0) + 0.1 * torch.randn(value.shape, generator=g)
-        elif isinstance(mod, (nn.Linear, nn.Conv3d, nn.ConvTranspose3d)) and pname == "weight":
-            fan_in = mod.in_channels if isinstance(mod, nn.ConvTranspose3d) else value[0].numel()
-            new[key] = torch.randn(value.shape, generator=g) / math.sqrt(fan_in)
-        elif pname == "bias":
-            new[key] = 0.1 * torch.randn(value.shape, generator=g)
-        elif pname == "positional_encoding_gaussian_matrix":
-            new[key] = torch.randn(value.shape, generator=g)
-        else:  # embeddings, pos_embed, rel_pos_*
-            new[key] = 0.5 * torch.randn(value.shape, generator=g)
-    model.load_state_dict(new, strict=True)
-    return model
 
 
 # ------------------------------------------------------------------ golden fixtures
