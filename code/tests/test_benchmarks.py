@@ -378,3 +378,33 @@ def test_script_runs_from_code_dir():
     proc = subprocess.run([sys.executable, "benchmarks/bench_encoder.py", "--help"], cwd=str(BENCH_DIR.parent),
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "fast vs reference" in proc.stdout, proc.stderr
+
+
+# ------------------------------------------------------------------------------- bench_commits (before / after)
+def _payload(step_wall: dict, step_cpu: dict) -> dict:
+    return {"results": [{"label": k, "step": {"median": v}, "cpu_step": {"median": step_cpu[k]}}
+                        for k, v in step_wall.items()]}
+
+
+def test_bench_commits_combines_rounds_as_medians_and_ratios():
+    from benchmarks.bench_commits import combine
+    runs = {"before": [_payload({"mt": 2.0, "uamt": 10.0}, {"mt": 1.0, "uamt": 5.0}),
+                       _payload({"mt": 4.0, "uamt": 10.0}, {"mt": 3.0, "uamt": 5.0}),
+                       _payload({"mt": 3.0, "uamt": 12.0}, {"mt": 2.0, "uamt": 6.0})],
+            "after": [_payload({"mt": 3.3, "uamt": 9.0}, {"mt": 2.2, "uamt": 4.5})] * 3}
+    rows = combine(runs, [("before", None), ("after", None)])
+    assert [r["label"] for r in rows] == ["mt", "uamt"]
+    assert rows[0]["before"]["wall"] == 3.0 and rows[0]["before"]["cpu"] == 2.0
+    assert rows[0]["after/before"]["wall"] == pytest.approx(1.1) and rows[0]["after/before"]["cpu"] == pytest.approx(1.1)
+    assert rows[1]["after/before"]["wall"] == pytest.approx(0.9) and rows[0]["before"]["rounds_wall"] == [2.0, 4.0, 3.0]
+
+
+def test_bench_commits_rejects_bad_code_entries(tmp_path):
+    from benchmarks.bench_commits import parse_args
+    with pytest.raises(C.BenchmarkError, match="NAME=DIR"):
+        parse_args(["--code", f"a={tmp_path}", "--code", "b=.", "--", "--compare", "mt"])
+    here = str(Path(__file__).resolve().parents[1])
+    with pytest.raises(C.BenchmarkError, match="two --code"):
+        parse_args(["--code", f"a={here}"])
+    args, codes, bench = parse_args(["--code", f"a={here}", "--code", f"b={here}", "--", "--compare", "mt", "sup"])
+    assert [n for n, _ in codes] == ["a", "b"] and bench == ["--compare", "mt", "sup"]
