@@ -85,7 +85,7 @@ def test_the_graph_sees_project_imports_at_every_level():
     assert "utils.io" in graph["utils.inference"]                       # top-level absolute import
     assert "networks.sam_med3d.build" in graph["networks.sam_med3d.checkpoint"]   # relative import
     assert "dataloaders.la_heart" in graph["utils.compare"]              # inside a function
-    assert "training.demo_recipe" in graph["demo"]
+    assert "training.demo_recipe" in graph["demo"] and "training.demo_recipe" in graph["study_generalist"]
     assert "torch" not in graph["utils.io"]                              # third-party names are not nodes
 
 
@@ -114,5 +114,5 @@ def test_the_demo_and_the_study_share_their_recipe_through_a_package():
     # two scripts running one recipe: it lives in training.demo_recipe, and neither script imports a script
     graph = import_graph()
     scripts = {name for name in graph if "." not in name and (CODE / f"{name}.py").is_file()}
-    for name in ("demo", "eval_generalist"):
+    for name in ("demo", "study_generalist", "eval_generalist"):
         assert not graph[name] & scripts, (name, sorted(graph[name] & scripts))
