@@ -27,7 +27,7 @@ import torch
 
 from dataloaders.la_heart import check_data_folder, list_path, read_list
 from dataloaders.layout import TRAINING_FOLDER
-from networks.sam_med3d import load_generalist
+from networks.sam_med3d import load_generalist, random_generalist
 from utils.cli import HelpFormatter, add_threads_flag, apply_threads_flag
 from utils.compare import corpus_click_scores, ground_truth_click_scores, summarize_scores
 from utils.errors import ConfigError, run_entry
@@ -71,12 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def _model(args, device):
     if args.random_arch:
-        from networks.sam_med3d import arch_to_config, build_sam3d_from_config
-        config = arch_to_config(args.random_arch)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(args.random_seed)
-            model = build_sam3d_from_config(config)
-        return model.to(device).eval(), f"random weights of {args.random_arch} (seed {args.random_seed})"
+        model = random_generalist(args.random_arch, args.random_seed)
+        return model.to(device), f"random weights of {args.random_arch} (seed {args.random_seed})"
     arch = args.generalist_arch
     if arch is None:
         beside = Path(args.generalist).with_suffix(".json")

@@ -11,13 +11,12 @@ to be reproducible from it. An existing output file is never replaced unless ``-
 from __future__ import annotations
 
 import argparse
-import hashlib
 from pathlib import Path
 
 import torch
 
 from utils.errors import CheckpointError, ConfigError, run_entry
-from utils.io import atomic_save
+from utils.io import atomic_save, file_sha256 as sha256
 from utils.inference import load_specialist
 
 FLOAT16_MAX = float(torch.finfo(torch.float16).max)
@@ -48,14 +47,6 @@ def half_state_dict(sd: dict) -> tuple[dict, dict]:
         max_abs = max(max_abs, biggest)
         out[key] = half
     return out, {"max_abs": max_abs, "max_abs_rounding": max_err, "max_rel_rounding": max_rel}
-
-
-def sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def release(model_path, out, overwrite: bool = False) -> dict:

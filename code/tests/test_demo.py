@@ -1,8 +1,12 @@
-"""The one-command demo (demo.py, `make demo`): end to end in --quick mode with every path in tmp_path.
+"""The one-command demo (demo.py, `make demo`, over training.demo_recipe): end to end in --quick mode with every
+path in tmp_path.
 
 The quick setting trains for 3 iterations, so its metrics mean nothing; these tests check that every stage
-runs and connects, that phantoms and the demo generalist are cached and reused, that the comparison is
-reported honestly, and that the Makefile's targets run the commands the README promises.
+runs and connects (MT, SemiSAM and SemiSAM+), that phantoms and the demo generalist are cached and reused, that
+the generalist is chosen as documented (official, shipped, pretrained, given), that the generalist's quality and
+the comparison are reported honestly, and that the Makefile's targets run the commands the README promises.
+Every run names a --shipped_generalist in tmp_path, so a generalist released into the repository later does not
+change what these tests exercise.
 """
 import contextlib
 import dataclasses
@@ -22,8 +26,11 @@ import torch
 import demo
 from dataloaders import phantoms
 from dataloaders.la_heart import load_case, read_list
+from networks.sam_med3d import random_generalist
+from tests.test_pretrain_generalist import TINY
+from training import demo_recipe as recipe
 from training.config import parse_config
-from training.pretrain import checkpoint_status, pretrain
+from training.pretrain import checkpoint_status, config_json_path, pretrain
 from utils.compare import ComparisonError, crop_box, paired_comparison
 from utils.report import side_by_side, text_table
 from utils.runtime import default_threads
@@ -33,7 +40,17 @@ REPO = Path(demo.__file__).resolve().parent.parent
 
 def quick_argv(root: Path, *extra: str) -> list[str]:
     return ["--quick", "--out", str(root / "model"), "--data_root", str(root / "data"), "--ckpt_dir",
-            str(root / "ckpt"), "--no_progress", "--threads", "1", *extra]
+            str(root / "ckpt"), "--shipped_generalist", str(root / "released" / "demo_generalist.pth"),
+            "--no_progress", "--threads", "1", *extra]
+
+
+def tiny_generalist(path: Path, seed: int = 5) -> Path:
+    """A tiny generalist (the golden fixture's architecture, img 32: the quick patch fits) in the official format
+    ({'model_state_dict'}), its architecture JSON beside it as pretrain_generalist.py writes it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model_state_dict": random_generalist(TINY, seed).state_dict()}, path)
+    config_json_path(path).write_text(json.dumps(TINY))
+    return path
 
 
 def png_size(path: Path) -> tuple[int, int]:
@@ -43,7 +60,7 @@ def png_size(path: Path) -> tuple[int, int]:
 
 
 def exp_dirs(root: Path) -> dict:
-    return {name: root / "model" / fields["exp"] for name, fields in demo.METHODS.items()}
+    return {name: root / "model" / fields["exp"] for name, fields in recipe.METHODS.items()}
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +70,7 @@ def first_run(tmp_path_factory):
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
         summary = demo.main([a for a in quick_argv(root) if a != "--no_progress"])
-    gen = root / "ckpt" / demo.CACHE[True][1]
+    gen = root / "ckpt" / recipe.CACHE[True][1]
     h5 = root / "data" / "phantoms_quick" / "2018LA_Seg_Training Set" / "PHANTOM_000" / "mri_norm2.h5"
     return root, summary, gen.stat().st_mtime_ns, h5.stat().st_mtime_ns, stdout.getvalue()
 
@@ -63,47 +80,75 @@ def test_quick_demo_shows_progress_of_every_long_stage_when_not_on_a_terminal(fi
     assert "\x1b" not in out and "\r" not in out             # plain lines, no redrawn bar
     assert "[demo] machine: " in out and "thread(s) on cpu" in out
     assert "[phantoms] 6/6 (100%)" in out
+    # no official and no shipped generalist: said in one line, then the demo generalist is pretrained
+    (missing,) = [l for l in out.splitlines() if "no shipped demo generalist" in l]
+    assert missing.startswith("[demo] generalist: no ") and "demo_generalist.pth: pretraining a small one" in missing
     assert "[pretrain generalist] 2/2 (100%)  loss " in out and "ETA 0:00:00" in out
-    for exp in ("mt", "semisam_mt"):
+    assert ("[demo] Generalist quality on 2 test case(s): with 10 clicks from the ground truth, in the 32x32x32 "
+            "crop of a training patch around the target, it reaches Dice ") in out
+    for exp in ("mt", "semisam_mt", "semisam_plus"):
         line = next(l for l in out.splitlines() if l.startswith(f"[train {exp}] 3/3 (100%)"))
         assert "  loss " in line and "  elapsed " in line and "  ETA " in line
-    for name in demo.METHODS:
+    for name in recipe.METHODS:
         assert f"[evaluate {name}] case 1/2 PHANTOM_004: Dice " in out and f"[evaluate {name}] case 2/2" in out
     assert "depend on the CPU" in out
+    # the side-by-side table, then one paired verdict per generalist method, then the generalist's quality
+    header = next(l for l in out.splitlines() if l.startswith("metric "))
+    assert header.split() == ["metric", "MT", "SemiSAM", "SemiSAM+"]
+    for name in ("SemiSAM", "SemiSAM+"):
+        assert any(l.startswith(f"{name} ") and " MT on Dice: " in l for l in out.splitlines()), name
+    (verdict,) = [l for l in out.splitlines() if l.startswith("[demo] Verdict: ")]
+    assert "with 10 clicks from the ground truth (zero-shot)" in verdict and "prompted from MT's predictions" in verdict
+    assert "SemiSAM +" in verdict or "SemiSAM -" in verdict
+    assert "SemiSAM+ " in verdict and verdict.count(" noise (two standard errors: ") == 2
 
 
-def test_quick_demo_reports_both_methods_with_finite_metrics(first_run):
+def test_quick_demo_reports_every_method_with_finite_metrics(first_run):
     root, summary = first_run[:2]
     assert summary["data"]["kind"] == "phantoms" and summary["data"]["action"] == "written"
     assert summary["generalist"]["kind"] == "demo" and summary["generalist"]["action"] == "trained"
     assert summary["distance_unit"] == "voxels"
-    for label in ("MT", "SemiSAM"):
+    assert list(summary["results"]) == ["MT", "SemiSAM", "SemiSAM+"]
+    for label in ("MT", "SemiSAM", "SemiSAM+"):
         r = summary["results"][label]
         assert len(r["cases"]) == 2 == summary["n_test_cases"]
         for key in ("dice", "jaccard", "hd95", "asd"):
             assert math.isfinite(r["mean"][key]) and math.isfinite(r["std"][key]), (label, key)
         assert 0.0 <= r["mean"]["dice"] <= 1.0
         assert Path(r["checkpoint"]).name == "iter_3.pth" and Path(r["checkpoint"]).is_file()
-    # both methods ran through the engine with the same settings; only SemiSAM had a generalist
+    # every method ran through the engine with the same settings; only SemiSAM and SemiSAM+ had a generalist
     cfg = {label: json.loads((exp / "config.json").read_text()) for label, exp in exp_dirs(root).items()}
     assert cfg["MT"]["generalist"] == [] and cfg["SemiSAM"]["generalist"] == [summary["generalist"]["path"]]
     assert cfg["SemiSAM"]["generalist_term"] == "semisam" and cfg["SemiSAM"]["prompt"] == "point"
+    assert cfg["SemiSAM+"]["generalist"] == [summary["generalist"]["path"]]
+    assert cfg["SemiSAM+"]["generalist_term"] == "semisam_plus" and cfg["SemiSAM+"]["prompt"] == "unc"
     for key in ("seed", "labeled_num", "patch_size", "max_iterations", "n_filters", "batch_size", "lr_step",
                 "rampup_block"):
-        assert cfg["MT"][key] == cfg["SemiSAM"][key], key
+        assert cfg["MT"][key] == cfg["SemiSAM"][key] == cfg["SemiSAM+"][key], key
     # the written summary is the returned one, and the markdown carries the table and the verdict
     on_disk = json.loads((root / "model" / "summary.json").read_text())
     assert on_disk["comparisons"] == summary["comparisons"]
     assert on_disk["results"]["SemiSAM"]["mean"] == summary["results"]["SemiSAM"]["mean"]
     md = (root / "model" / "summary.md").read_text()
-    (comparison,) = summary["comparisons"]
-    assert comparison["base"] == "MT" and comparison["other"] == "SemiSAM"
-    assert comparison["statement"] in md and "HD95 (voxels)" in md
+    assert [(c["base"], c["other"]) for c in summary["comparisons"]] == [("MT", "SemiSAM"), ("MT", "SemiSAM+")]
+    for c in summary["comparisons"]:
+        assert c["statement"] in md and isinstance(c["beyond_noise"], bool)
+    assert "HD95 (voxels)" in md and "| metric | MT | SemiSAM | SemiSAM+ |" in " ".join(md.split())
+    # how good the generalist is here: zero-shot from the ground truth, and prompted from MT's predictions
+    quality = summary["generalist_quality"]
+    zero = quality["zero_shot"]
+    assert zero["num_clicks"] == 10 and zero["crop"] == [32, 32, 32] and zero["summary"]["n"] == 2
+    assert [c["case"] for c in zero["cases"]] == ["PHANTOM_004", "PHANTOM_005"]
+    assert all(0.0 <= c["dice"] <= 1.0 for c in zero["cases"])
+    assert quality["prompted_from_baseline"] == summary["figure"]["check"]["MT"]
+    assert zero["statement"] in md and summary["verdict"] in md and on_disk["verdict"] == summary["verdict"]
+    assert f"Dice {zero['summary']['dice_mean']:.1f} % with 10 clicks" in summary["verdict"]
     # where the numbers came from, and that they depend on it
     for key in ("platform", "cpu", "cpu_count", "usable_cores", "torch", "torch_threads"):
         assert summary["machine"][key], key
     assert summary["machine"]["cpu"] in md and "depend on the CPU" in md and "--threads 1 --channels_last 0" in md
-    assert set(summary["wall_seconds"]) >= {"data", "generalist", "train MT", "train SemiSAM", "total"}
+    assert set(summary["wall_seconds"]) >= {"data", "generalist", "generalist quality", "train MT", "train SemiSAM",
+                                            "train SemiSAM+", "evaluate SemiSAM+", "total"}
 
 
 def test_quick_demo_writes_a_figure(first_run):
@@ -111,16 +156,16 @@ def test_quick_demo_writes_a_figure(first_run):
     png = root / "model" / "demo.png"
     assert Path(summary["figure"]["path"]) == png
     width, height = png_size(png)
-    # 1 case x 2 slices, 6 columns (image, GT, MT, SemiSAM, SAM <- MT, SAM <- SemiSAM)
-    assert width >= 1000 and height >= 300
+    # 1 case x 2 slices, 8 columns (image, GT, MT, SemiSAM, SemiSAM+, SAM <- each of the three)
+    assert width >= 1300 and height >= 300
     assert png.stat().st_size > 20_000
     panels = summary["figure"]["sam_panels"]
-    assert [p["prompted_by"] for p in panels] == ["MT", "SemiSAM"]
+    assert [p["prompted_by"] for p in panels] == ["MT", "SemiSAM", "SemiSAM+"]
     for p in panels:
         assert 0.0 <= p["sam_dice_in_crop"] <= 1.0
         assert [b - a for a, b in p["crop"]] == [32, 32, 32]   # the training patch, inside the 48x48x32 volume
     check = summary["figure"]["check"]
-    for label in ("MT", "SemiSAM"):
+    for label in ("MT", "SemiSAM", "SemiSAM+"):
         assert check[label]["n_cases"] == 2 and 0 <= check[label]["sam_dice"] <= 100
     assert check["statement"].startswith("Generalist check on 2 test case(s)")
     assert check["statement"] in (root / "model" / "summary.md").read_text()
@@ -141,25 +186,25 @@ def test_phantoms_are_written_in_the_la_layout(first_run):
 def test_second_run_reuses_phantoms_and_generalist_and_repeats_the_numbers(first_run):
     root, first, gen_mtime, h5_mtime, _ = first_run
     again = demo.main(quick_argv(root))
-    gen = root / "ckpt" / demo.CACHE[True][1]
+    gen = root / "ckpt" / recipe.CACHE[True][1]
     h5 = root / "data" / "phantoms_quick" / "2018LA_Seg_Training Set" / "PHANTOM_000" / "mri_norm2.h5"
     assert again["generalist"]["action"] == "reused" and gen.stat().st_mtime_ns == gen_mtime
     assert again["data"]["action"] == "reused" and h5.stat().st_mtime_ns == h5_mtime
     # same seed, same machine, same thread count: the same numbers
     def scores(summary, label):
         return [{k: v for k, v in c.items() if k != "seconds"} for c in summary["results"][label]["cases"]]
-    for label in ("MT", "SemiSAM"):
+    for label in ("MT", "SemiSAM", "SemiSAM+"):
         assert scores(again, label) == scores(first, label)
+    assert again["generalist_quality"]["zero_shot"]["cases"] == first["generalist_quality"]["zero_shot"]["cases"]
 
 
 def test_changed_phantom_settings_rewrite_the_phantoms(tmp_path):
     data = tmp_path / "data"
-    args = demo.parse_args(["--quick", "--data_root", str(data)])
-    s = demo.settings_from(args)
-    assert demo.prepare_data(args, s)["action"] == "written"
-    assert demo.prepare_data(args, s)["action"] == "reused"
+    s = demo.settings_from(demo.parse_args(["--quick", "--data_root", str(data)]))
+    assert recipe.prepare_data(data, s, quick=True, progress=False)["action"] == "written"
+    assert recipe.prepare_data(data, s, quick=True, progress=False)["action"] == "reused"
     s2 = dict(s, phantom_seed=1)
-    assert demo.prepare_data(args, s2)["action"] == "written"
+    assert recipe.prepare_data(data, s2, quick=True, progress=False)["action"] == "written"
     assert json.loads((data / "phantoms_quick" / phantoms.MANIFEST).read_text())["seed"] == 1
 
 
@@ -172,67 +217,116 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+def choose(choice: str, tmp_path: Path, s: dict, messages: list | None = None, **kw) -> dict:
+    """recipe.prepare_generalist as demo.py calls it, with every path in tmp_path (nothing is pretrained unless
+    the pretraining branch is taken without skip_pretrain)."""
+    return recipe.prepare_generalist(choice, s, ckpt_dir=tmp_path / "ckpt", shipped=tmp_path / "released" / "g.pth",
+                                     quick=True, device="cpu", progress=False,
+                                     say=(messages if messages is not None else []).append, **kw)
+
+
 def test_generalist_cache_status_and_resume(tmp_path, one_thread):
-    args = demo.parse_args(["--quick", "--ckpt_dir", str(tmp_path), "--no_progress"])
-    s = demo.settings_from(args)
-    path = tmp_path / demo.CACHE[True][1]
-    cfg = demo.pretrain_config(s, path, "cpu", progress=False)
+    s = demo.settings_from(demo.parse_args(["--quick"]))
+    path = tmp_path / "ckpt" / recipe.CACHE[True][1]
+    cfg = recipe.pretrain_config(s, path, "cpu", progress=False)
     assert checkpoint_status(path, cfg)[0] == "missing"
-    with pytest.raises(demo.DemoError, match="skip_pretrain.*does not exist"):
-        demo.prepare_generalist(demo.parse_args(["--quick", "--ckpt_dir", str(tmp_path), "--skip_pretrain"]),
-                                s, "cpu", False)
+    with pytest.raises(recipe.RecipeError, match="skip_pretrain.*does not exist"):
+        choose("auto", tmp_path, s, skip_pretrain=True)
     # an interrupted pretraining (stopped after 1 of 2 iterations) is resumed, not restarted
     cfg.stop_at = 1
     pretrain(cfg)
-    status, reason = checkpoint_status(path, demo.pretrain_config(s, path, "cpu", False))
+    status, reason = checkpoint_status(path, recipe.pretrain_config(s, path, "cpu", False))
     assert status == "partial" and "iteration 1 of 2" in reason
-    info = demo.prepare_generalist(args, s, "cpu", False)
-    assert info["action"] == "resumed"
+    info = choose("auto", tmp_path, s)
+    assert info["action"] == "resumed" and info["kind"] == "demo"
     assert torch.load(path, weights_only=True)["iteration"] == 2
-    assert checkpoint_status(path, demo.pretrain_config(s, path, "cpu", False))[0] == "done"
+    assert checkpoint_status(path, recipe.pretrain_config(s, path, "cpu", False))[0] == "done"
     # other settings: not the demo's model
-    status, reason = checkpoint_status(path, demo.pretrain_config(dict(s, pretrain_clicks=3), path, "cpu", False))
+    status, reason = checkpoint_status(path, recipe.pretrain_config(dict(s, pretrain_clicks=3), path, "cpu", False))
     assert status == "mismatch" and "num_clicks 2 (want 3)" in reason
     # --skip_pretrain takes the file as it is and reports what it really holds
-    skip = demo.parse_args(["--quick", "--ckpt_dir", str(tmp_path), "--skip_pretrain", "--pretrain_iterations", "50"])
-    info = demo.prepare_generalist(skip, demo.settings_from(skip), "cpu", False)
+    info = choose("pretrain", tmp_path, dict(s, pretrain_iterations=50), skip_pretrain=True)
     assert info["action"] == "used as is" and info["pretrain_iterations"] == 2
     path.write_bytes(b"not a checkpoint")
     assert checkpoint_status(path, cfg)[0] == "mismatch"
 
 
+def test_generalist_choice_official_then_shipped_then_pretrained(tmp_path):
+    s = demo.settings_from(demo.parse_args(["--quick"]))
+    # neither official nor shipped: one line says the shipped one is missing, then the pretraining branch
+    said = []
+    with pytest.raises(recipe.RecipeError, match="skip_pretrain"):
+        choose("auto", tmp_path, s, said, skip_pretrain=True)
+    assert len(said) == 1 and "no shipped demo generalist" in said[0] and str(tmp_path / "released" / "g.pth") in said[0]
+    # the shipped one (its architecture JSON beside it) when present
+    shipped = tiny_generalist(tmp_path / "released" / "g.pth")
+    info = choose("auto", tmp_path, s)
+    assert info == dict(path=str(shipped), arch=str(shipped.with_suffix(".json")), kind="shipped demo", action="found")
+    # the official checkpoint wins over it
+    official = tiny_generalist(tmp_path / "ckpt" / recipe.OFFICIAL_NAME)
+    info = choose("auto", tmp_path, s)
+    assert info["path"] == str(official) and info["kind"] == "SAM-Med3D" and info["arch"] == "vit_b_ori"
+    # --generalist pretrain ignores both and goes to the recipe's own pretraining
+    with pytest.raises(recipe.RecipeError, match="skip_pretrain: .*demo_generalist_quick.pth"):
+        choose("pretrain", tmp_path, s, skip_pretrain=True)
+    # a shipped checkpoint without its architecture is refused, not guessed
+    official.unlink()
+    shipped.with_suffix(".json").unlink()
+    with pytest.raises(recipe.RecipeError, match="shipped demo generalist .*g.pth has no architecture file"):
+        choose("auto", tmp_path, s)
+    assert recipe.SHIPPED_GENERALIST == "../model/released/demo_generalist.pth"
+    assert demo.parse_args([]).shipped_generalist.endswith("model/released/demo_generalist.pth")
+
+
+def test_quick_demo_with_the_shipped_generalist(first_run, tmp_path):
+    root = first_run[0]
+    shipped = tiny_generalist(tmp_path / "released" / "demo_generalist.pth")
+    summary = demo.main(["--quick", "--out", str(tmp_path / "model"), "--data_root", str(root / "data"), "--ckpt_dir",
+                         str(root / "ckpt"), "--shipped_generalist", str(shipped), "--no_progress", "--threads", "1"])
+    assert summary["generalist"] == dict(path=str(shipped), arch=str(shipped.with_suffix(".json")),
+                                         kind="shipped demo", action="found")
+    for exp in ("semisam_mt", "semisam_plus"):
+        cfg = json.loads((tmp_path / "model" / exp / "config.json").read_text())
+        assert cfg["generalist"] == [str(shipped)] and cfg["generalist_arch"] == str(shipped.with_suffix(".json"))
+    assert summary["generalist_quality"]["zero_shot"]["summary"]["n"] == 2
+    assert "**shipped demo**" in (tmp_path / "model" / "summary.md").read_text()
+
+
 def test_explicit_generalist_path_must_exist(tmp_path):
-    args = demo.parse_args(["--generalist", str(tmp_path / "nope.pth")])
-    with pytest.raises(demo.DemoError, match="nope.pth: checkpoint not found"):
-        demo.prepare_generalist(args, demo.settings_from(args), "cpu", False)
+    s = demo.settings_from(demo.parse_args([]))
+    with pytest.raises(recipe.RecipeError, match="nope.pth: checkpoint not found"):
+        choose(str(tmp_path / "nope.pth"), tmp_path, s)
+    given = tiny_generalist(tmp_path / "mine.pth")
+    assert choose(str(given), tmp_path, s, arch="a.json") == dict(path=str(given), arch="a.json", kind="given",
+                                                                action="given")
 
 
 def test_real_la_data_is_used_when_present(la_root, tmp_path):
-    args = demo.parse_args(["--data_root", str(la_root)])
-    data = demo.prepare_data(args, demo.settings_from(args))
+    s = demo.settings_from(demo.parse_args([]))
+    data = recipe.prepare_data(la_root, s, say=lambda m: None)
     assert data["kind"] == "LA" and data["action"] == "found" and data["spacing"] == [0.625] * 3
     assert Path(data["root_path"]) == la_root / "2018LA_Seg_Training Set"
-    args = demo.parse_args(["--data", "la", "--data_root", str(tmp_path)])
-    with pytest.raises(demo.DemoError, match="--data la: expected .*2018LA_Seg_Training Set"):
-        demo.prepare_data(args, demo.settings_from(args))
+    with pytest.raises(recipe.RecipeError, match="--data la: expected .*2018LA_Seg_Training Set"):
+        recipe.prepare_data(tmp_path, s, choice="la")
 
 
 def test_settings_presets_flags_and_errors():
     quick = demo.settings_from(demo.parse_args(["--quick", "--iterations", "5"]))
     assert quick["iterations"] == 5 and quick["patch_size"] == (32, 32, 32)
     full = demo.settings_from(demo.parse_args(["--patch_size", "48", "48", "32"]))
-    assert full["patch_size"] == (48, 48, 32) and full["iterations"] == demo.DEFAULTS["iterations"] == 300
-    with pytest.raises(demo.DemoError, match="--patch_size .*multiple of 16"):
+    assert full["patch_size"] == (48, 48, 32) and full["iterations"] == 300
+    assert full["iterations"] == recipe.DEFAULTS["iterations"]
+    with pytest.raises(recipe.RecipeError, match="--patch_size .*multiple of 16"):
         demo.settings_from(demo.parse_args(["--patch_size", "40", "48", "32"]))
-    with pytest.raises(demo.DemoError, match="--labeled_bs 4 must be < --batch_size 4"):
+    with pytest.raises(recipe.RecipeError, match="--labeled_bs 4 must be < --batch_size 4"):
         demo.settings_from(demo.parse_args(["--labeled_bs", "4"]))
-    with pytest.raises(demo.DemoError, match="--iterations must be >= 1"):
+    with pytest.raises(recipe.RecipeError, match="--iterations must be >= 1"):
         demo.settings_from(demo.parse_args(["--iterations", "0"]))
-    assert demo.schedule(6000) == {"lr_step": 2500, "rampup_block": 150}
-    assert demo.schedule(300) == {"lr_step": 125, "rampup_block": 8}
+    assert recipe.schedule(6000) == {"lr_step": 2500, "rampup_block": 150}
+    assert recipe.schedule(300) == {"lr_step": 125, "rampup_block": 8}
     assert default_threads(3) == 3 and 1 <= default_threads(0) <= (os.cpu_count() or 1)
     assert demo.settings_from(demo.parse_args(["--max_test_cases", "0"]))["max_test_cases"] == 0
-    with pytest.raises(demo.DemoError, match="--base_lr must be > 0"):
+    with pytest.raises(recipe.RecipeError, match="--base_lr must be > 0"):
         demo.settings_from(demo.parse_args(["--base_lr", "0"]))
 
 
@@ -276,14 +370,16 @@ def test_side_by_side_table_has_one_column_per_method_in_order():
     assert lines[0].split() == ["metric", "MT", "SemiSAM", "SemiSAM+"] and set(lines[1]) == {"-"}
 
 
-def test_methods_share_every_setting_but_their_own_and_a_third_method_is_one_entry(monkeypatch, tmp_path):
-    args = demo.parse_args(["--quick", "--out", str(tmp_path), "--channels_last", "0"])
-    s = demo.settings_from(args)
+def test_methods_share_every_setting_but_their_own(tmp_path):
+    s = demo.settings_from(demo.parse_args(["--quick"]))
     data = dict(root_path=str(tmp_path / "cases"), train_list=str(tmp_path / "train.list"), kind="phantoms")
     generalist = dict(path="g.pth", arch="g.json")
-    plus = dict(exp="semisam_plus", specialist="mt", generalist_term="semisam_plus", prompt="unc")
-    monkeypatch.setitem(demo.METHODS, "SemiSAM+", plus)
-    cfgs = {name: demo.train_config(name, s, data, generalist, args, "cpu") for name in demo.METHODS}
+    assert list(recipe.METHODS) == ["MT", "SemiSAM", "SemiSAM+"] and recipe.BASELINE == "MT"
+    assert recipe.METHODS["SemiSAM+"] == dict(exp="semisam_plus", specialist="mt", generalist_term="semisam_plus",
+                                              prompt="unc")
+    cfgs = {name: recipe.train_config(name, s, data, generalist, model_dir=tmp_path, device="cpu",
+                                      channels_last=False)
+            for name in recipe.METHODS}
     method_fields = {"exp", "generalist_term", "generalist", "generalist_arch", "prompt", "num_clicks",
                      "sam_weight"}
     base = {k: v for k, v in dataclasses.asdict(cfgs["MT"]).items() if k not in method_fields}
@@ -294,6 +390,12 @@ def test_methods_share_every_setting_but_their_own_and_a_third_method_is_one_ent
     assert cfgs["MT"].generalist == [] and cfgs["SemiSAM+"].generalist == ["g.pth"]
     assert cfgs["SemiSAM+"].prompt == "unc" and cfgs["SemiSAM"].num_clicks == s["num_clicks"]
     assert base["channels_last"] is False and base["max_iterations"] == 3 and base["lr_step"] == 1
+    assert base["overwrite"] is True and base["model_dir"] == str(tmp_path)
+    # a caller (the study) may continue a run instead; MT needs no generalist, the others do
+    resumed = recipe.train_config("MT", s, data, None, model_dir=tmp_path, device="cpu", overwrite=False, resume="auto")
+    assert resumed.resume == "auto" and not resumed.overwrite
+    with pytest.raises(recipe.RecipeError, match="SemiSAM needs a generalist"):
+        recipe.train_config("SemiSAM", s, data, None, model_dir=tmp_path, device="cpu")
 
 
 def test_an_interrupted_phantom_write_is_rewritten(tmp_path):
@@ -336,19 +438,19 @@ def test_makefile_demo_and_test_targets(tmp_path):
 def test_quick_demo_on_the_real_la_data(first_run, la_root, tmp_path):
     root = first_run[0]
     summary = demo.main(["--quick", "--data_root", str(la_root), "--out", str(tmp_path / "model"), "--ckpt_dir",
-                         str(root / "ckpt"), "--max_test_cases", "1", "--stride_xy", "32", "--stride_z", "32",
+                         str(root / "ckpt"), "--shipped_generalist", str(tmp_path / "none.pth"), "--max_test_cases", "1", "--stride_xy", "32", "--stride_z", "32",
                          "--no_progress", "--threads", "1"])
     assert summary["data"]["kind"] == "LA" and summary["generalist"]["action"] == "reused"
     assert summary["distance_unit"] == "mm" and summary["n_test_cases"] == 1
     first_test_case = read_list(la_root / "test.list")[0]
-    for label in ("MT", "SemiSAM"):
+    for label in ("MT", "SemiSAM", "SemiSAM+"):
         (case,) = summary["results"][label]["cases"]
         assert case["case"] == first_test_case and all(math.isfinite(case[k]) for k in ("dice", "hd95", "asd"))
     assert "HD95 (mm)" in (tmp_path / "model" / "summary.md").read_text()
     assert png_size(tmp_path / "model" / "demo.png")[0] >= 1000
 
 
-def test_channels_last_flag_reaches_both_training_runs(first_run):
+def test_channels_last_flag_reaches_every_training_run(first_run):
     # last in this file: it rewrites first_run's model folder
     root = first_run[0]
     demo.main(quick_argv(root, "--channels_last", "0"))

@@ -84,7 +84,8 @@ def test_the_graph_sees_project_imports_at_every_level():
     graph = import_graph()
     assert "utils.io" in graph["utils.inference"]                       # top-level absolute import
     assert "networks.sam_med3d.build" in graph["networks.sam_med3d.checkpoint"]   # relative import
-    assert "training.pretrain" in graph["demo"]                          # inside a function
+    assert "dataloaders.la_heart" in graph["utils.compare"]              # inside a function
+    assert "training.demo_recipe" in graph["demo"] and "training.demo_recipe" in graph["study_generalist"]
     assert "torch" not in graph["utils.io"]                              # third-party names are not nodes
 
 
@@ -107,3 +108,11 @@ def test_relative_and_function_level_imports_make_edges(tmp_path):
 def test_no_import_cycle_in_code():
     cycle = find_cycle(import_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_the_demo_and_the_study_share_their_recipe_through_a_package():
+    # two scripts running one recipe: it lives in training.demo_recipe, and neither script imports a script
+    graph = import_graph()
+    scripts = {name for name in graph if "." not in name and (CODE / f"{name}.py").is_file()}
+    for name in ("demo", "study_generalist", "eval_generalist"):
+        assert not graph[name] & scripts, (name, sorted(graph[name] & scripts))

@@ -6,8 +6,9 @@ what a generalist adds when prompted from each method's predictions.
     notes = generalist_check(branch, image, gt, {name: prediction}, size, device)   # one test case
     scores = ground_truth_click_scores(branch, root, cases, size, device)  # the generalist's own quality
     check = check_generalist(branch, root, {name: {case: prediction}}, size, device, "MT", n_figure)  # all kept
+    gain = seed_averaged_gain([mt_seed1, mt_seed2], [semisam_seed1, semisam_seed2])   # over seeds, with a CI
 
-Used by the demo; a study over seeds and generalists (several runs per method) calls the same functions.
+Used by the demo (one seed) and study_generalist.py (several seeds and generalists: :func:`seed_averaged_gain`).
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from utils.metrics import binary_dice
 
 __all__ = ["METRIC_KEYS", "ComparisonError", "summarize_cases", "evaluate_checkpoint", "paired_comparison", "crop_box",
            "pseudo_label_in_crop", "generalist_check", "generalist_verdict", "check_generalist",
-           "ground_truth_click_scores", "corpus_click_scores", "summarize_scores"]
+           "ground_truth_click_scores", "corpus_click_scores", "summarize_scores", "t_interval", "seed_averaged_gain"]
 
 METRIC_KEYS = ("dice", "jaccard", "hd95", "asd")
 
@@ -71,6 +72,7 @@ def evaluate_checkpoint(checkpoint, base_dir, cases: Sequence[str], *, patch_siz
 def paired_comparison(base: dict, other: dict, base_name: str, other_name: str) -> dict:
     """Did ``other`` beat ``base`` on Dice? Paired per-case differences (points of Dice %) on the same cases,
     with two standard errors as the yardstick, and a sentence that says what happened whichever way it went.
+    ``beyond_noise``: the difference exceeds two standard errors (False with a single case: no yardstick).
 
     ``base`` / ``other``: {'mean': {'dice'}, 'cases': [{'case', 'dice'}, ...]} (:func:`evaluate_checkpoint`).
     Raises ComparisonError when the two were evaluated on different cases."""
@@ -85,18 +87,19 @@ def paired_comparison(base: dict, other: dict, base_name: str, other_name: str) 
     sd = float(diff.std(ddof=1)) if n > 1 else float("nan")
     se = sd / math.sqrt(n) if n > 1 else float("nan")
     wins, losses = int((diff > 0).sum()), int((diff < 0).sum())
+    beyond_noise = bool(n > 1 and abs(mean_diff) > 2 * se)
     verb = "beat" if mean_diff > 0 else ("tied with" if mean_diff == 0 else "did not beat")
     text = (f"{other_name} {verb} {base_name} on Dice: {100 * other['mean']['dice']:.2f} % vs "
             f"{100 * base['mean']['dice']:.2f} % ({mean_diff:+.2f} points; {other_name} higher on {wins} and "
             f"lower on {losses} of {n} test cases).")
-    if n > 1 and abs(mean_diff) <= 2 * se:
+    if n > 1 and not beyond_noise:
         text += (f" The difference is within two standard errors of the paired per-case differences "
                  f"({mean_diff:+.2f} ± {2 * se:.2f} points), so this run does not show a real difference.")
-    elif n > 1:
+    elif beyond_noise:
         text += (f" The difference exceeds two standard errors of the paired per-case differences "
                  f"(± {2 * se:.2f} points) on these {n} cases.")
     text += " One seed, one short schedule: a demonstration, not a benchmark."
-    return dict(base=base_name, other=other_name, other_beat_base=bool(mean_diff > 0),
+    return dict(base=base_name, other=other_name, other_beat_base=bool(mean_diff > 0), beyond_noise=beyond_noise,
                 dice_difference_points=float(mean_diff), per_case_sd_points=sd, standard_error_points=se,
                 other_higher_cases=wins, other_lower_cases=losses, n_cases=n, statement=text)
 
@@ -237,3 +240,47 @@ def summarize_scores(records: Sequence[dict]) -> dict:
     d = np.array([r["dice"] for r in records], dtype=np.float64) * 100
     return dict(n=int(len(d)), dice_mean=float(d.mean()) if len(d) else math.nan,
                 dice_std=float(d.std()) if len(d) else math.nan, dice_min=float(d.min()) if len(d) else math.nan)
+
+
+# ------------------------------------------------------------------------------- over seeds
+def t_interval(values: Sequence[float], confidence: float = 0.95) -> dict:
+    """The mean of ``values`` with a Student t interval (n - 1 degrees of freedom): dict(n, mean, sd (ddof 1),
+    half_width, low, high, confidence); sd, half_width, low and high are nan for fewer than two values."""
+    from scipy import stats
+    v = np.asarray(values, dtype=np.float64)
+    n = int(v.size)
+    mean = float(v.mean()) if n else math.nan
+    sd = float(v.std(ddof=1)) if n > 1 else math.nan
+    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1) * sd / math.sqrt(n)) if n > 1 else math.nan
+    return dict(n=n, mean=mean, sd=sd, half_width=half, low=mean - half, high=mean + half, confidence=confidence)
+
+
+def seed_averaged_gain(base_runs: Sequence[dict], other_runs: Sequence[dict], confidence: float = 0.95) -> dict:
+    """The gain of a method over a baseline across seeds, in points of Dice %. ``base_runs[i]`` and
+    ``other_runs[i]`` were trained with the same seed and evaluated on the same cases
+    ({'mean': {'dice'}, 'cases': [{'case', 'dice'}, ...]}, :func:`evaluate_checkpoint`).
+
+    Per test case, the paired difference other - base of each seed, averaged over the seeds; then the mean over
+    the cases with a t interval over the cases (:func:`t_interval`): the cases are the unit of replication, the
+    seeds only reduce each case's training noise. wins / losses: cases whose averaged difference is > 0 / < 0.
+
+    Returns dict(gain_points, ci_low, ci_high, half_width, confidence, sd_points, n_cases, n_seeds, wins, losses,
+    per_case {case: points}). Raises ComparisonError for unequal run counts or different cases."""
+    if len(base_runs) != len(other_runs) or not base_runs:
+        raise ComparisonError(f"seed_averaged_gain needs one baseline run per run of the method, got "
+                              f"{len(base_runs)} and {len(other_runs)}")
+    diffs = []
+    for i, (base, other) in enumerate(zip(base_runs, other_runs)):
+        a = {r["case"]: r["dice"] for r in base["cases"]}
+        b = {r["case"]: r["dice"] for r in other["cases"]}
+        if a.keys() != b.keys() or (diffs and sorted(a) != sorted(diffs[0])):
+            raise ComparisonError(f"run pair {i} was evaluated on other cases than the first pair: "
+                                  f"{sorted(a)} vs {sorted(b)}")
+        diffs.append({c: 100 * (b[c] - a[c]) for c in a})
+    cases = sorted(diffs[0])
+    per_case = {c: float(np.mean([d[c] for d in diffs])) for c in cases}
+    ci = t_interval(list(per_case.values()), confidence)
+    values = np.array(list(per_case.values()))
+    return dict(gain_points=ci["mean"], ci_low=ci["low"], ci_high=ci["high"], half_width=ci["half_width"],
+                confidence=confidence, sd_points=ci["sd"], n_cases=len(cases), n_seeds=len(diffs),
+                wins=int((values > 0).sum()), losses=int((values < 0).sum()), per_case=per_case)

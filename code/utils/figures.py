@@ -1,4 +1,5 @@
-"""Segmentation figures for reports: axial slices of an image with mask overlays, one row per slice.
+"""Figures for reports: segmentations (axial slices with mask overlays) and a method's gain against a
+generalist's quality (study_generalist.py).
 
     save_segmentation_figure(path, [FigureCase(name, image, reference, panels=[FigurePanel(title, mask), ...])])
 
@@ -6,7 +7,8 @@ draws, for each case and each chosen axial slice (constant Z), one row: the imag
 (ground truth) filled, then every panel's mask filled with the reference's outline on top, so misses and false
 positives read at a glance. Arrays are (X, Y, Z) as stored in the h5 / NIfTI files; a slice is shown with X
 horizontal and Y vertical. A panel may carry a ``box`` (the region a model looked at, e.g. the crop given to
-SAM), drawn dashed on the slices that cut it.
+SAM), drawn dashed on the slices that cut it. ``save_gain_figure(path, points)`` plots gains with their
+confidence intervals against the generalists' zero-shot Dice, one series per method.
 
 Only matplotlib's object API with the Agg canvas is used (no pyplot), so it never needs a display and never
 touches a global backend.
@@ -19,7 +21,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-__all__ = ["FigurePanel", "FigureCase", "pick_slices", "save_segmentation_figure", "comparison_case"]
+__all__ = ["FigurePanel", "FigureCase", "pick_slices", "save_segmentation_figure", "comparison_case",
+           "save_gain_figure"]
 
 _FILL = ("#e6550d", "#3182bd", "#31a354", "#756bb1", "#de2d26", "#636363")
 _REFERENCE_FILL = "#fdd835"
@@ -157,3 +160,49 @@ def comparison_case(name: str, image: np.ndarray, reference: np.ndarray, predict
                            f"({n['prompted_by']} {n['prompt_dice_in_crop']:.2f})", n["mask"], n["box"])
                for n in generalist_notes]
     return FigureCase(name, image, reference, panels)
+
+
+def save_gain_figure(path, points: Sequence[dict], title: Optional[str] = None, xlabel: str = "",
+                     ylabel: str = "", dpi: int = 110) -> Path:
+    """Write a PNG of gains against a quality: one series per ``method``, each point at (``x``, ``gain``) with a
+    bar from ``low`` to ``high`` (none where they are not finite) and its ``label`` beside it, and a dashed line
+    at no gain. ``points``: dicts with method, label, x, gain, low, high. Series are shifted sideways by a
+    little so that bars at the same ``x`` stay apart. Returns the written path."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    points = list(points)
+    if not points:
+        raise ValueError("save_gain_figure: no point to draw")
+    methods = list(dict.fromkeys(p["method"] for p in points))
+    xs = [float(p["x"]) for p in points]
+    span = max(max(xs) - min(xs), 10.0)
+    fig = Figure(figsize=(6.4, 4.4))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    ax.axhline(0.0, color="#636363", linestyle="--", linewidth=0.8)
+    for i, method in enumerate(methods):
+        shift = (i - (len(methods) - 1) / 2) * 0.012 * span
+        mine = [p for p in points if p["method"] == method]
+        color = _FILL[i % len(_FILL)]
+        x = np.array([float(p["x"]) + shift for p in mine])
+        y = np.array([float(p["gain"]) for p in mine])
+        lo = np.array([float(p["low"]) for p in mine])
+        hi = np.array([float(p["high"]) for p in mine])
+        finite = np.isfinite(lo) & np.isfinite(hi)
+        ax.errorbar(x[finite], y[finite], yerr=[y[finite] - lo[finite], hi[finite] - y[finite]], fmt="none",
+                    ecolor=color, elinewidth=1.2, capsize=4)
+        ax.plot(x, y, "o", color=color, label=method)
+        for p, xi, yi in zip(mine, x, y):
+            ax.annotate(str(p["label"]), (xi, yi), textcoords="offset points", xytext=(5, 4), fontsize=7)
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.set_ylabel(ylabel, fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    return path

@@ -153,6 +153,21 @@ def arch_to_config(arch: Arch) -> dict:
     return _arch_config(arch)[0]
 
 
+def random_generalist(arch: Arch, seed: int = 0) -> Sam3D:
+    """A SAM-Med3D of architecture ``arch`` (registry name, config dict or JSON path) with random weights drawn
+    from ``seed`` without touching the global torch RNG; eval mode, frozen. The floor of generalist quality in
+    eval_generalist.py and study_generalist.py (the same seed gives the same weights in both)."""
+    config, arch_label, _ = _arch_config(arch)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = build_sam3d_from_config(config)
+    except ValueError as err:
+        raise GeneralistCheckpointError(f"cannot build the SAM-Med3D architecture {arch_label}: {err}") from err
+    model.requires_grad_(False)
+    return model.eval()
+
+
 def load_generalist(name_or_path: Union[str, os.PathLike], arch: Arch = "vit_b_ori", device: Union[str, torch.device] = "cpu",
                     allow_pickle: Optional[bool] = None) -> Sam3D:
     """A frozen (``requires_grad=False``), eval-mode SAM-Med3D generalist loaded from a checkpoint.
