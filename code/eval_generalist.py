@@ -28,6 +28,8 @@ import torch
 from dataloaders.la_heart import check_data_folder, list_path, read_list
 from dataloaders.layout import TRAINING_FOLDER
 from networks.sam_med3d import load_generalist, random_generalist
+from training.demo_recipe import DEFAULTS, ZERO_SHOT_CLICK_SEED, ZERO_SHOT_CLICKS
+from training.pretrain import config_json_path
 from utils.cli import HelpFormatter, add_threads_flag, apply_threads_flag
 from utils.compare import corpus_click_scores, ground_truth_click_scores, summarize_scores
 from utils.errors import ConfigError, run_entry
@@ -35,12 +37,13 @@ from utils.generalist import GeneralistBranch
 from utils.io import atomic_write
 from utils.runtime import machine_info, resolve_device
 
-NUM_CLICKS = 10
+# the demo's protocol (training/demo_recipe.py), so this script and the demo report the same number
+NUM_CLICKS = ZERO_SHOT_CLICKS
 CORPUS_SCENES = 32
 # the pretraining draws scenes from derived_seed(--seed, 0); any other seed gives scenes it never saw
 CORPUS_SEED = 20261206
-PATCH_SIZE = (64, 64, 48)
-CLICK_SEED = 0
+PATCH_SIZE = DEFAULTS["patch_size"]
+CLICK_SEED = ZERO_SHOT_CLICK_SEED
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -75,7 +78,7 @@ def _model(args, device):
         return model.to(device), f"random weights of {args.random_arch} (seed {args.random_seed})"
     arch = args.generalist_arch
     if arch is None:
-        beside = Path(args.generalist).with_suffix(".json")
+        beside = config_json_path(args.generalist)
         arch = str(beside) if beside.is_file() else "vit_b_ori"
     return load_generalist(args.generalist, arch=arch, device=device), f"{args.generalist} ({arch})"
 
