@@ -10,7 +10,7 @@ from dataloaders.layout import TRAINING_FOLDER
 from dataloaders.phantoms import write_phantom_dataset
 from dataloaders.shape_corpus import (OBJECT_KINDS, ShapeCorpus, ShapeCorpusError, corpus_rng, sample,
                                       sample_scene)
-from networks.sam_med3d import build_sam3d_from_config, clear_generalist_cache, load_generalist
+from networks.sam_med3d import build_sam3d_from_config, clear_generalist_cache, load_generalist, sam3d_config
 from training.pretrain import (CKPT_FORMAT, H5Crops, PretrainConfig, PretrainError, config_json_path, lr_at,
                                pretrain, simulate_padding)
 
@@ -242,3 +242,15 @@ def test_a_crash_while_saving_keeps_the_previous_checkpoint_and_config(tmp_path,
     assert (out.read_bytes(), config_json_path(out).read_text()) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["g.json", "g.pth"]
     assert torch.load(out, weights_only=True)["iteration"] == 1
+
+
+def test_demo_generalist_architecture_fits_the_shipping_limit():
+    """vit_small_demo is what the shipped demo generalist is: at most 8 MB in float16, no zero-padded window."""
+    cfg = sam3d_config("vit_small_demo")
+    model = build_sam3d_from_config(cfg)
+    assert 2 * sum(p.numel() for p in model.parameters()) <= 8e6
+    enc = cfg["image_encoder"]
+    assert enc["window_size"] == enc["img_size"] // enc["patch_size"] == 8
+    with torch.no_grad():
+        emb = model.image_encoder(torch.randn(1, 1, 64, 64, 64))
+    assert tuple(emb.shape) == (1, 96, 8, 8, 8)

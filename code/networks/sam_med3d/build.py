@@ -20,6 +20,10 @@ Registry:
 * ``vit_tiny_demo``: not an official model; a small random-weight stand-in for CPU demos and tests
   with the same geometry as vit_b_ori (8^3 token grid inside one zero-padded 14^3 window, global
   blocks, 4x mask prompt).
+* ``vit_small_demo``: not an official model; the demo generalist's architecture (issue 20): img 64, patch 8
+  (8^3 tokens), embed 128, depth 6, 4 heads, window 8 = the token grid (no zero-padded tokens, so every block
+  attends over the whole cube at about half the cost of a padded 14^3 window), global [2, 5], prompt dim 96;
+  2.66 M parameters, 5.3 MB in float16.
 
 The official ``vit_b`` entry (img 256) is deliberately absent: its values could not be verified here.
 """
@@ -95,6 +99,9 @@ _REGISTRY_CONFIGS: Dict[str, dict] = {
     "vit_tiny_demo": _make_config("vit_tiny_demo", img_size=64, patch_size=8, embed_dim=96, depth=4, num_heads=3,
                                   window_size=14, global_attn_indexes=[1, 3], prompt_dim=96, mask_in_chans=16,
                                   num_multimask_outputs=3, iou_head_depth=3, iou_head_hidden_dim=64),
+    "vit_small_demo": _make_config("vit_small_demo", img_size=64, patch_size=8, embed_dim=128, depth=6, num_heads=4,
+                                   window_size=8, global_attn_indexes=[2, 5], prompt_dim=96, mask_in_chans=16,
+                                   num_multimask_outputs=3, iou_head_depth=3, iou_head_hidden_dim=64),
 }
 
 
