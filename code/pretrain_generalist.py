@@ -47,6 +47,7 @@ FG_PROB = 0.5
 WORKERS = 0
 LOG_EVERY = 50
 SAVE_EVERY = 500
+KEEP_EVERY = 0       # keep a copy <out stem>_iter<N>.pth every N iterations (0: none)
 THREADS = 0          # torch CPU threads; 0: the cores left idle by the current load
 
 
@@ -85,6 +86,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=WORKERS, help="DataLoader worker processes")
     p.add_argument("--log_every", type=int, default=LOG_EVERY, help="log a loss line every N iterations")
     p.add_argument("--save_every", type=int, default=SAVE_EVERY, help="write the checkpoint every N iterations")
+    p.add_argument("--keep_every", type=int, default=KEEP_EVERY,
+                   help="also keep a copy <out stem>_iter<N>.pth (and its .json) every N iterations; 0: none")
     add_threads_flag(p, THREADS)
     p.add_argument("--resume", default=None, help="continue the run saved in this checkpoint")
     p.add_argument("--stop_at", type=int, default=None, help="save and stop after this iteration")

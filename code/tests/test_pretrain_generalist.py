@@ -254,3 +254,21 @@ def test_demo_generalist_architecture_fits_the_shipping_limit():
     with torch.no_grad():
         emb = model.image_encoder(torch.randn(1, 1, 64, 64, 64))
     assert tuple(emb.shape) == (1, 96, 8, 8, 8)
+
+
+def test_keep_every_leaves_loadable_snapshots(tmp_path, tiny_json):
+    from training.pretrain import snapshot_path
+    cfg = tiny_cfg(tmp_path, tiny_json, iterations=4, keep_every=2)
+    pretrain(cfg)
+    final = torch.load(cfg.out, weights_only=True)
+    for t in (2, 4):
+        path = snapshot_path(cfg.out, t)
+        assert path.name == f"gen_iter{t}.pth" and config_json_path(path).is_file()
+        snap = torch.load(path, weights_only=True)
+        assert snap["iteration"] == t and len(snap["losses"]) == t
+    snap4 = torch.load(snapshot_path(cfg.out, 4), weights_only=True)
+    assert all(torch.equal(snap4["model_state_dict"][k], v) for k, v in final["model_state_dict"].items())
+    assert not snapshot_path(cfg.out, 1).exists() and not snapshot_path(cfg.out, 3).exists()
+    load_generalist(snapshot_path(cfg.out, 2), arch=str(config_json_path(snapshot_path(cfg.out, 2))))
+    with pytest.raises(PretrainError, match="keep_every"):
+        pretrain(tiny_cfg(tmp_path, tiny_json, keep_every=-1))

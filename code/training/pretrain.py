@@ -60,8 +60,8 @@ from utils.progress import Progress
 from utils.runtime import derived_seed
 
 __all__ = ["PretrainError", "PretrainConfig", "CKPT_FORMAT", "config_json_path", "resolve_arch", "build_model",
-           "H5Crops", "seg_loss", "interaction_loss", "simulate_padding", "lr_at", "save_checkpoint", "pretrain",
-           "checkpoint_status", "ensure_pretrained"]
+           "snapshot_path", "H5Crops", "seg_loss", "interaction_loss", "simulate_padding", "lr_at", "save_checkpoint",
+           "pretrain", "checkpoint_status", "ensure_pretrained"]
 
 log = logging.getLogger("pretrain")
 
@@ -105,6 +105,7 @@ class PretrainConfig:
     workers: int = 0
     log_every: int = 10
     save_every: int = 500
+    keep_every: int = 0                     # also keep a copy <out stem>_iter<N>.pth every N iterations (0: none)
     resume: str | None = None               # checkpoint to continue from
     stop_at: int | None = None              # save and stop after this iteration (a time-limited job's slice)
     progress: bool = True
@@ -113,6 +114,12 @@ class PretrainConfig:
 def config_json_path(out) -> Path:
     """Where the architecture JSON of checkpoint ``out`` is written: ``out`` with suffix ``.json``."""
     return Path(out).with_suffix(".json")
+
+
+def snapshot_path(out, iteration: int) -> Path:
+    """The kept copy of checkpoint ``out`` at ``iteration`` (``keep_every``): ``<stem>_iter<N><suffix>``."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}_iter{int(iteration)}{out.suffix}")
 
 
 def _check_settings(cfg: PretrainConfig) -> None:
@@ -140,6 +147,8 @@ def _check_settings(cfg: PretrainConfig) -> None:
         bad("stop_at", f"an iteration in [1, {cfg.iterations}]")
     if cfg.save_every < 1 or cfg.log_every < 1:
         bad("save_every" if cfg.save_every < 1 else "log_every", "an integer >= 1")
+    if cfg.keep_every < 0:
+        bad("keep_every", "an integer >= 0 (0: no snapshots)")
 
 
 # ----------------------------------------------------------------------------------------------- model
@@ -445,6 +454,9 @@ def pretrain(cfg: PretrainConfig) -> dict:
                      len(window), info["dice"], lr_at(cfg, t - 1))
         if t % cfg.save_every == 0 and t < stop:
             save_checkpoint(cfg.out, model, optimizer, t, config, cfg, losses)
+        if cfg.keep_every and t % cfg.keep_every == 0:
+            # a fixed point of the run for later comparison (e.g. a partly pretrained generalist)
+            save_checkpoint(snapshot_path(cfg.out, t), model, optimizer, t, config, cfg, losses)
     bar.close()
     out = save_checkpoint(cfg.out, model, optimizer, t, config, cfg, losses)
     log.info("saved %s (iteration %d) and %s", out, t, config_json_path(out))
