@@ -196,7 +196,7 @@ def run_config(spec: dict) -> dict:
     warmup, steps = int(spec["warmup"]), int(spec["steps"])
     load_before = loadavg()
     batches = iter(trainer.make_loader())
-    records, peak_setup, cuda_setup, reset_ok = [], None, None, False
+    records, peak_setup, cuda_setup, reset_ok, malloc_auto = [], None, None, False, None
     try:
         for i in range(warmup + steps):
             if i == warmup:
@@ -214,6 +214,9 @@ def run_config(spec: dict) -> dict:
             result = trainer.train_step(batch)
             C.synchronize(device)
             total, total_cpu = time.perf_counter() - start, time.process_time() - start_cpu
+            if i == 0 and cfg.tune_malloc is None:   # the training scripts' auto rule, after the same first step
+                from training.run import apply_malloc_auto
+                malloc_auto = apply_malloc_auto(lambda msg: None)
             if i >= warmup:
                 wall, cpu = timer.totals()
                 faults, preempted = (after - before for after, before in zip(C.fault_counters(), usage))
@@ -237,6 +240,7 @@ def run_config(spec: dict) -> dict:
             "checkpoint_levels", "deterministic", "num_workers", "cache", "labeled_num", "tune_malloc")},
         "generalist_weights": spec["generalist_weights"],
         "device": str(device), "threads": threads, "build_s": build_s,
+        "malloc_tuned_after_first_step": malloc_auto,     # --tune_malloc auto's decision (None: not auto)
         "per_step": records, "memory": memory,
         "loadavg": [load_before, loadavg()],
         "machine": machine_info(device),
@@ -251,6 +255,7 @@ def summarize(rounds: list[dict]) -> dict:
     names = [n for n in SECTION_ORDER if any(n in r["sections"] for r in steps)]
     memory = {k: max((run["memory"].get(k) or 0) for run in rounds) or None for k in first["memory"]}
     out = {k: first[k] for k in ("label", "method", "settings", "generalist_weights", "device", "threads", "machine")}
+    out["malloc_tuned_after_first_step"] = [run.get("malloc_tuned_after_first_step") for run in rounds]
     out.update(
         rounds=len(rounds), build_s=[run["build_s"] for run in rounds],
         step=C.spread([r["total"] for r in steps]),

@@ -99,7 +99,8 @@ def data_case_dir(root_path: Optional[str], synthetic: bool, scratch: Path) -> t
 # --------------------------------------------------------------------------------------------- runtime
 def setup_runtime(threads: Optional[int], tune_malloc: Optional[bool] = True) -> int:
     """Apply the glibc malloc options as the training scripts do (``training.run.tune_malloc``; None: their
-    'auto' rule, ``training.run.malloc_choice``) and the torch thread count; returns the number of threads."""
+    'auto' rule, decided after the first step: ``training.run.apply_malloc_auto``) and the torch thread count;
+    returns the number of threads."""
     from training.run import malloc_choice, tune_malloc as apply_malloc_options
     if malloc_choice(tune_malloc)[0]:
         apply_malloc_options()
@@ -160,16 +161,6 @@ def amp_dtype(name: str) -> Optional[torch.dtype]:
 
 
 # ---------------------------------------------------------------------------------------------- memory
-def _status_kib(field: str) -> Optional[int]:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
 def fault_counters() -> tuple[int, int]:
     """(minor page faults, involuntary context switches) of this process so far (getrusage; zeros elsewhere)."""
     try:
@@ -202,8 +193,8 @@ def reset_peak_rss() -> bool:
 
 def peak_rss_since_reset() -> Optional[int]:
     """Peak RSS (``VmHWM``) since :func:`reset_peak_rss`, bytes; None off Linux."""
-    kib = _status_kib("VmHWM")
-    return None if kib is None else kib * 1024
+    from utils.runtime import peak_rss_bytes
+    return peak_rss_bytes()
 
 
 def gib(n: Optional[float]) -> Optional[float]:

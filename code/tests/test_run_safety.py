@@ -19,7 +19,7 @@ import torch
 
 from training import state as S
 from training.interrupt import StopRequests, TrainingInterrupted, resume_command
-from training.run import MALLOC_AUTO_MIN_AVAILABLE, main, malloc_choice
+from training.run import MALLOC_AUTO_HEADROOM, main, malloc_auto_decision, malloc_choice
 from utils import runtime
 
 from test_train_common import (one_thread,  # noqa: F401 (autouse)
@@ -279,18 +279,40 @@ def test_every_script_help_shows_every_default():
 # ------------------------------------------------------------------------------------ 11. malloc
 def test_malloc_tuning_auto_follows_available_memory(la_data_dir, train_list, tmp_path, monkeypatch):
     assert malloc_choice(True) == (True, "--tune_malloc 1") and malloc_choice(False)[0] is False
-    assert malloc_choice(None, MALLOC_AUTO_MIN_AVAILABLE)[0] is True
-    on, why = malloc_choice(None, 8 * 2**30)
-    assert on is False and why == "--tune_malloc auto: MemAvailable 8.0 GiB < 32 GiB"
+    assert malloc_choice(None) == (None, "--tune_malloc auto: decided after the first training step")
+    gib = 2**30
+    on, why = malloc_auto_decision(peak=6 * gib, available=int(6 * gib * MALLOC_AUTO_HEADROOM))
+    assert on is True and why == "--tune_malloc auto: 6.0 GiB available >= 1 x the 6.0 GiB peak of the first step"
+    on, why = malloc_auto_decision(peak=6 * gib, available=5 * gib)
+    assert on is False and "5.0 GiB available < 1 x the 6.0 GiB peak" in why
+    assert malloc_auto_decision(None, 64 * gib)[0] is False and malloc_auto_decision(gib, None)[0] is False
     meminfo = tmp_path / "meminfo"
     meminfo.write_text("MemTotal:       65536000 kB\nMemAvailable:   40000000 kB\n")
     assert runtime.mem_available_bytes(str(meminfo)) == 40000000 * 1024
     assert runtime.mem_available_bytes(str(tmp_path / "none")) is None
+    status = tmp_path / "status"
+    status.write_text("Name:\tpython\nVmHWM:\t  123456 kB\nVmRSS:\t  1000 kB\n")
+    assert runtime.peak_rss_bytes(str(status)) == 123456 * 1024 and runtime.peak_rss_bytes(str(meminfo)) is None
+    assert runtime.peak_rss_bytes() > 0          # this process, on Linux
+
     import training.run as R
-    monkeypatch.setattr(R, "mem_available_bytes", lambda: 4 * 2**30)
-    monkeypatch.setattr(R, "tune_malloc", lambda: pytest.fail("tuned although memory is short"))
-    args = run_args(la_data_dir, train_list, tmp_path, "mal", iters=1)
+    args = run_args(la_data_dir, train_list, tmp_path, "mal", iters=2)
     i = args.index("--tune_malloc")
-    main(MT, args[:i] + args[i + 2:])
-    assert ("glibc malloc tuning off (--tune_malloc auto: MemAvailable 4.0 GiB < 32 GiB)"
-            in (tmp_path / "mal" / "log.txt").read_text())
+    auto_args = args[:i] + args[i + 2:]
+    # short of memory after the first step: stays untuned, and says so
+    monkeypatch.setattr(R, "mem_available_bytes", lambda: 2**20)
+    monkeypatch.setattr(R, "tune_malloc", lambda: pytest.fail("tuned although memory is short"))
+    main(MT, auto_args)
+    log = (tmp_path / "mal" / "log.txt").read_text()
+    assert "glibc malloc tuning --tune_malloc auto: decided after the first training step" in log
+    assert re.search(r"glibc malloc tuning off from here \(--tune_malloc auto: 0\.0 GiB available < 1 x the "
+                     r"[\d.]+ GiB peak of the first step\)", log)
+    assert log.index("malloc tuning off from here") > log.index("iteration 1 ")
+    assert "iteration 2 " in log
+    # room for it: tuned once, after the first step
+    calls = []
+    monkeypatch.setattr(R, "mem_available_bytes", lambda: 1024 * gib)
+    monkeypatch.setattr(R, "tune_malloc", lambda: calls.append(1) or True)
+    main(MT, auto_args + ["--overwrite"])
+    log = (tmp_path / "mal" / "log.txt").read_text()
+    assert calls == [1] and "glibc malloc tuning on from here (--tune_malloc auto: 1024.0 GiB available >= 1 x" in log

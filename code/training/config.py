@@ -38,8 +38,8 @@ save_every                 1000                             paper (UA-MT saves i
 channels_last / cache      auto (CPU, CUDA) / on            ours (speed; same maths, results/README.md)
 threads                    0: the cores left idle by the    ours (torch's default takes every core, which
                            1-minute load average            a loaded machine makes many times slower)
-tune_malloc                auto: on when MemAvailable       ours (the tuning keeps freed memory: faster on
-                           >= 32 GiB                        CPU, higher peak; training.run.malloc_choice)
+tune_malloc                auto: after the first step, on   ours (the tuning keeps freed memory: faster on
+                           when MemAvailable >= its peak    CPU, higher peak; training.run.malloc_auto_decision)
 paths                      ../data, ../model, ../ckpt       relative to code/, from any working directory
                                                             (dataloaders.layout.repo_default)
 =========================  ===============================  =================================================
@@ -139,9 +139,9 @@ class TrainConfig:
     # each level lowers the peak memory of the student's forward + backward, at the price of recomputing it
     # (results/history.md, "Numbers moved out of code comments")
     checkpoint_levels: int = 0
-    # glibc: keep freed memory for reuse (training.run.tune_malloc). None = auto: only where the machine's
-    # available memory leaves room for what it keeps (training.run.malloc_choice), since the memory it holds
-    # made runs peak above the official code's
+    # glibc: keep freed memory for reuse (training.run.tune_malloc). None = auto: decided after the first
+    # training step, on only where the machine's available memory leaves room for what it keeps
+    # (training.run.malloc_auto_decision), since the memory it holds made runs peak above the official code's
     tune_malloc: Optional[bool] = None
     threads: int = 0                          # torch CPU threads; 0: the cores left idle by the current load
     resume: Optional[str] = None              # path, or 'auto' -> <snapshot>/train_state.pth
@@ -338,7 +338,8 @@ def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
                                            "backward (0 off, 1 full resolution, 2 also half; saves memory)")
     g("--tune_malloc", type=_bool_or_auto,
       help="glibc mallopt: reuse freed memory instead of returning it to the OS (faster on CPU, holds more "
-           "memory): 1 | 0 | auto (on when MemAvailable leaves room for it; the log says which)")
+           "memory): 1 | 0 | auto (after the first step, on when MemAvailable is at least that step's peak; "
+           "the log says which)")
     g("--threads", type=int, help="torch CPU threads (0: the cores left idle by the current load)")
     g("--resume", type=str, nargs="?", const="auto",
       help="continue from a train_state.pth (no value: <model_dir>/<exp>/train_state.pth)")

@@ -41,7 +41,7 @@ import copy
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -350,8 +350,12 @@ class Trainer:
     def state_path(self) -> Path:
         return self.cfg.snapshot_path / TRAIN_STATE_NAME
 
-    def fit(self, stop: Optional[StopRequests] = None) -> None:
+    def fit(self, stop: Optional[StopRequests] = None,
+            after_first_step: Optional[Callable[[], None]] = None) -> None:
         """Train from ``self.iteration`` to ``max_iterations`` (or ``stop_after``), saving as configured.
+
+        ``after_first_step``: called once, after this invocation's first training step (e.g. the entry point's
+        memory-dependent malloc choice, which needs that step's peak).
 
         ``stop``: the run's signal handlers (``training.interrupt``); when one was received, the loop saves
         the state at the end of the iteration and raises ``TrainingInterrupted`` (on every rank at the same
@@ -371,6 +375,7 @@ class Trainer:
                       f"(max_iterations {cfg.max_iterations}) on {self.device}")
         self.out.start_progress(self.iteration, stop_at)
         start = time.perf_counter()
+        first_step_done = self.iteration
         try:
             with stop.deferring():
                 while self.iteration < stop_at:
@@ -380,6 +385,8 @@ class Trainer:
                     self.last_result = result
                     self._record(result)
                     done = self.iteration
+                    if done == first_step_done + 1 and after_first_step is not None:
+                        after_first_step()
                     if done % cfg.save_every == 0 or done == cfg.max_iterations:
                         self.save_checkpoint(self.cfg.snapshot_path / f"iter_{done}.pth")
                     saved_first = False

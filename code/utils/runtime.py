@@ -18,7 +18,7 @@ import torch
 from utils.errors import ConfigError
 
 __all__ = ["DeviceError", "apply_threads", "autocast", "cpu_flags", "default_threads", "derived_seed", "loadavg",
-           "machine_info", "mem_available_bytes", "resolve_device", "seed_everything"]
+           "machine_info", "mem_available_bytes", "peak_rss_bytes", "resolve_device", "seed_everything"]
 
 
 class DeviceError(ConfigError):
@@ -134,6 +134,18 @@ def mem_available_bytes(meminfo: str = "/proc/meminfo") -> Optional[int]:
             if line.startswith("MemAvailable:"):
                 value, unit = line.split(":", 1)[1].split()[:2]
                 return int(value) * (1024 if unit.lower() == "kb" else 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def peak_rss_bytes(status: str = "/proc/self/status") -> Optional[int]:
+    """This process's peak resident memory (``VmHWM`` of ``/proc/self/status``; since the last reset through
+    ``/proc/self/clear_refs``), bytes, or None where the kernel does not report it (not Linux)."""
+    try:
+        for line in Path(status).read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
     return None
