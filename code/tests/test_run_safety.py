@@ -286,6 +286,8 @@ def test_malloc_tuning_auto_follows_available_memory(la_data_dir, train_list, tm
     on, why = malloc_auto_decision(peak=6 * gib, available=5 * gib)
     assert on is False and "5.0 GiB available < 1 x the 6.0 GiB peak" in why
     assert malloc_auto_decision(None, 64 * gib)[0] is False and malloc_auto_decision(gib, None)[0] is False
+    on, why = malloc_auto_decision(peak=6 * gib, available=20 * gib, processes=4)   # 4 DDP ranks share it
+    assert on is False and why.endswith("peak of the first step per process (4 on this machine)")
     meminfo = tmp_path / "meminfo"
     meminfo.write_text("MemTotal:       65536000 kB\nMemAvailable:   40000000 kB\n")
     assert runtime.mem_available_bytes(str(meminfo)) == 40000000 * 1024

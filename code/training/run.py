@@ -109,22 +109,25 @@ def malloc_choice(setting: Optional[bool]) -> tuple[Optional[bool], str]:
     return None, "--tune_malloc auto: decided after the first training step"
 
 
-def malloc_auto_decision(peak: Optional[int], available: Optional[int]) -> tuple[bool, str]:
+def malloc_auto_decision(peak: Optional[int], available: Optional[int], processes: int = 1) -> tuple[bool, str]:
     """``--tune_malloc auto``: (tune?, why) from the process's peak resident memory after its first training
     step (``peak`` bytes, VmHWM) and the machine's available memory then (``available``, MemAvailable): on when
-    ``available >= MALLOC_AUTO_HEADROOM * peak``, off where either is unknown. The tuning keeps freed memory, so
-    a run peaks higher than without it; this makes sure the machine has room for that."""
+    ``available >= MALLOC_AUTO_HEADROOM * peak * processes`` (``processes``: the training processes sharing this
+    machine's memory, e.g. torchrun's local world size), off where either is unknown. The tuning keeps freed
+    memory, so a run peaks higher than without it; this makes sure the machine has room for that."""
     if peak is None or available is None:
         return False, "--tune_malloc auto: peak or available memory unknown, off"
-    on = available >= MALLOC_AUTO_HEADROOM * peak
+    on = available >= MALLOC_AUTO_HEADROOM * peak * processes
+    share = f" per process ({processes} on this machine)" if processes > 1 else ""
     return on, (f"--tune_malloc auto: {available / 2**30:.1f} GiB available {'>=' if on else '<'} "
-                f"{MALLOC_AUTO_HEADROOM:g} x the {peak / 2**30:.1f} GiB peak of the first step")
+                f"{MALLOC_AUTO_HEADROOM:g} x the {peak / 2**30:.1f} GiB peak of the first step{share}")
 
 
 def apply_malloc_auto(say: Callable[[str], None]) -> bool:
     """Decide ``--tune_malloc auto`` now (:func:`malloc_auto_decision` on this process's peak and the machine's
     available memory), tune if on, say the outcome; returns whether malloc is tuned."""
-    on, why = malloc_auto_decision(peak_rss_bytes(), mem_available_bytes())
+    on, why = malloc_auto_decision(peak_rss_bytes(), mem_available_bytes(),
+                                   int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     tuned = tune_malloc() if on else False
     if on and not tuned:
         say(f"glibc malloc tuning asked for ({why}) but mallopt is not available (not glibc): default behaviour")
