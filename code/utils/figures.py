@@ -46,6 +46,15 @@ class FigureCase:
     panels: list = field(default_factory=list)
 
 
+
+def _save(fig, path, dpi: int) -> Path:
+    """Lay out ``fig`` and write it to ``path`` (its folder created); returns the path."""
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    return path
+
 def pick_slices(reference: np.ndarray, n: int) -> list[int]:
     """``n`` axial (Z) indices spread evenly over the reference's foreground extent (between 20 % and 80 %
     of it, where the structure is large), or over the whole volume when the reference is empty."""
@@ -142,11 +151,7 @@ def save_segmentation_figure(path, cases: Sequence[FigureCase], n_slices: int = 
                 ax.set_ylabel(f"{case.name}\nz={z}", fontsize=7)
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
-    return path
+    return _save(fig, path, dpi)
 
 
 def comparison_case(name: str, image: np.ndarray, reference: np.ndarray, predictions: dict,
@@ -201,8 +206,4 @@ def save_gain_figure(path, points: Sequence[dict], title: Optional[str] = None, 
     ax.legend(fontsize=8)
     if title:
         ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
-    return path
+    return _save(fig, path, dpi)

@@ -12,7 +12,6 @@ generator must not depend on the reimplementation it is meant to check.
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from collections import OrderedDict
@@ -23,8 +22,11 @@ from typing import Any, Callable, Mapping, Optional
 import torch
 from torch import nn
 
+from utils.io import file_digest
+
 __all__ = ["OfficialModules", "SAM_FIXTURES", "VNET_FIXTURES", "RTOL", "ATOL", "sam_config", "sam_kwargs",
-           "build_sam", "build_vnet", "sam_inputs", "randomize_", "make_sam_fixture", "make_vnet_fixture", "rerun_sam", "rerun_vnet", "compare_tensors",
+           "build_sam", "build_vnet", "sam_inputs", "randomize_", "make_sam_fixture", "make_vnet_fixture", "rerun_sam",
+           "rerun_vnet", "compare_tensors",
            "compare_values", "sam_manifest", "vnet_manifest", "state_dict_listing", "md5_file"]
 
 RTOL, ATOL = 1e-4, 1e-5          # the fixtures' suggested tolerance (README section 4)
@@ -380,11 +382,7 @@ def _short(v: Any, n: int = 80) -> str:
 
 # ------------------------------------------------------------------------------------------- manifests (README 1, 3)
 def md5_file(path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return file_digest(path, "md5")
 
 
 def state_dict_listing(model: nn.Module) -> list:

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = ["TRAIN_STATE_FORMAT", "WRAPPER_PREFIXES", "CheckpointReadError", "KeyReport", "atomic_save", "atomic_write",
-           "check_torch_file", "compare_state_dict", "file_sha256", "is_torch_file", "read_checkpoint",
+           "check_torch_file", "compare_state_dict", "file_digest", "file_sha256", "is_torch_file", "read_checkpoint",
            "strip_wrapper_prefixes"]
 
 log = logging.getLogger(__name__)
@@ -95,14 +95,19 @@ def atomic_save(obj: Any, path: os.PathLike, serializer: Optional[Callable[[Any,
 _LEGACY_TORCH_HEADER = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
 
 
-def file_sha256(path: os.PathLike) -> str:
-    """The sha256 (hex) of a file's bytes, read in 1 MiB blocks: what identifies a released or cached model."""
+def file_digest(path: os.PathLike, algorithm: str = "sha256") -> str:
+    """The ``hashlib`` digest (hex) of a file's bytes, read in 1 MiB blocks."""
     import hashlib
-    h = hashlib.sha256()
+    h = hashlib.new(algorithm)
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def file_sha256(path: os.PathLike) -> str:
+    """The sha256 (hex) of a file's bytes: what identifies a released or cached model."""
+    return file_digest(path, "sha256")
 
 
 def is_torch_file(path: os.PathLike) -> bool:
