@@ -125,3 +125,44 @@ def test_plot_training_writes_curves_csv_and_summary(tmp_path):
     assert summary["last_iteration"] == 4 and summary["resumes"] == 1
     assert summary["mean_of_last_2"]["total"] == pytest.approx(0.35)
     assert json.loads((tmp_path / "out" / "training_run.json").read_text()) == summary
+
+
+# ------------------------------------------------------------------------------- the committed releases
+REPO = CODE_DIR.parent
+
+
+def _released() -> list[tuple[str, str]]:
+    """(name, sha256) of every checkpoint model/README.md lists under model/released/."""
+    import re
+    text = (REPO / "model" / "README.md").read_text()
+    return re.findall(r"\| `(LA_\w+)\.pth` \|[^|]*\| `([0-9a-f]{64})` \|", text)
+
+
+def test_every_released_file_is_listed_with_its_sha256():
+    from utils.io import file_sha256
+    listed = dict(_released())
+    on_disk = sorted(p.stem for p in (REPO / "model" / "released").glob("LA_*.pth"))
+    assert on_disk and sorted(listed) == on_disk
+    for name, sha in listed.items():
+        assert file_sha256(REPO / "model" / "released" / f"{name}.pth") == sha, name
+
+
+def test_released_checkpoints_reproduce_their_committed_metrics(la_data_dir):
+    """The released float16 file, evaluated as test_LA.py does (voxels, 112x112x80 stride 18/4, largest
+    component), gives the committed per-case numbers; the fastest committed case of each release is rerun."""
+    import csv
+    from utils.compare import evaluate_checkpoint
+    for name, _ in _released():
+        rows = list(csv.DictReader(open(REPO / "results" / name / "test_voxels" / "metrics.csv")))
+        summary = json.loads((REPO / "results" / name / "test_voxels" / "summary.json").read_text())
+        assert len(rows) == summary["n_cases"] == 20
+        assert np.mean([float(r["dice"]) for r in rows]) == pytest.approx(summary["mean"]["dice"], abs=1e-12)
+        row = min(rows, key=lambda r: float(r["seconds"]))
+        result = evaluate_checkpoint(REPO / "model" / "released" / f"{name}.pth", la_data_dir, [row["case"]],
+                                     patch_size=summary["patch_size"], stride_xy=summary["stride_xy"],
+                                     stride_z=summary["stride_z"], spacing=None, say=lambda m: None)
+        got = result["cases"][0]
+        # exact on the machine that committed them; another CPU sums in another order (a few boundary voxels)
+        assert got["dice"] == pytest.approx(float(row["dice"]), abs=2e-3), name
+        assert got["jaccard"] == pytest.approx(float(row["jaccard"]), abs=3e-3), name
+        assert got["hd95"] == pytest.approx(float(row["hd95_voxels"]), abs=1.0), name
