@@ -390,7 +390,7 @@ def test_layer_norm_eps_activations_and_hard_coded_decoder():
 
 
 def test_config_json_roundtrip_and_registry():
-    assert set(sam_model_registry3D) == {"vit_b_ori", "vit_tiny_demo"}
+    assert set(sam_model_registry3D) == {"vit_b_ori", "vit_tiny_demo", "vit_small_demo"}
     for name in sam_model_registry3D:
         cfg = json.loads(json.dumps(sam3d_config(name)))
         with torch.device("meta"):
