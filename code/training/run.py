@@ -123,11 +123,11 @@ def malloc_auto_decision(peak: Optional[int], available: Optional[int], processe
                 f"{MALLOC_AUTO_HEADROOM:g} x the {peak / 2**30:.1f} GiB peak of the first step{share}")
 
 
-def apply_malloc_auto(say: Callable[[str], None]) -> bool:
-    """Decide ``--tune_malloc auto`` now (:func:`malloc_auto_decision` on this process's peak and the machine's
-    available memory), tune if on, say the outcome; returns whether malloc is tuned."""
-    on, why = malloc_auto_decision(peak_rss_bytes(), mem_available_bytes(),
-                                   int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+def apply_malloc_auto(say: Callable[[str], None], processes: int = 1) -> bool:
+    """Decide ``--tune_malloc auto`` now (:func:`malloc_auto_decision` on this process's peak, the machine's
+    available memory and the ``processes`` training on it), tune if on, say the outcome; returns whether malloc
+    is tuned."""
+    on, why = malloc_auto_decision(peak_rss_bytes(), mem_available_bytes(), processes)
     tuned = tune_malloc() if on else False
     if on and not tuned:
         say(f"glibc malloc tuning asked for ({why}) but mallopt is not available (not glibc): default behaviour")
@@ -197,7 +197,8 @@ def main(defaults: dict, argv: Optional[Sequence[str]] = None, timer: Timer = nu
             out.write_config({"cases": list(trainer.dataset.cases),
                               "labeled_cases": [trainer.dataset.cases[i] for i in trainer.labeled_idxs],
                               "world_size": ctx.world_size})
-            trainer.fit(stop, after_first_step=(lambda: apply_malloc_auto(out.info)) if malloc_on is None else None)
+            decide_malloc = (lambda: apply_malloc_auto(out.info, local_world)) if malloc_on is None else None
+            trainer.fit(stop, after_first_step=decide_malloc)
         return trainer
     except TrainingInterrupted as err:
         if err.saved:
