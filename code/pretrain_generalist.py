@@ -41,6 +41,7 @@ CLIP_GRAD = 1.0
 SEED = 1337
 DEVICE = "cpu"
 NUM_CLICKS = 5
+TARGETS_PER_IMAGE = 1  # corpus objects prompted separately on each image encoding (4: the demo generalist's run)
 NO_MASK_PROB = 0.5
 PAD_PROB = 0.25
 FG_PROB = 0.5
@@ -76,6 +77,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=SEED, help="seed of every random stream")
     p.add_argument("--device", default=DEVICE, help="cpu, cuda, cuda:1, ...")
     p.add_argument("--num_clicks", type=int, default=NUM_CLICKS, help="prompt steps per sample")
+    p.add_argument("--targets_per_image", type=int, default=TARGETS_PER_IMAGE,
+                   help="objects of each corpus scene prompted separately on one image encoding (SAM's several "
+                        "masks per image; shape corpus only)")
     p.add_argument("--no_mask_prob", type=float, default=NO_MASK_PROB,
                    help="probability that the first step has no mask prompt (else a zero mask)")
     p.add_argument("--pad_prob", type=float, default=PAD_PROB,

@@ -7,6 +7,11 @@ map; the training target is the visible mask of ONE randomly chosen object. Obje
 - ``tube``: a curved tube (quadratic Bezier centre line, constant or tapering radius), often leaving the volume;
 - ``shell``: a hollow ellipsoidal shell (only the wall is the object; its inside shows the background).
 
+Tubes and shell walls are at least ``MIN_THICKNESS`` * S thick (radius of a tube, wall of a shell: 3.5 voxels
+at S = 64). A SAM-Med3D-architecture generalist sees 8-voxel tokens and answers on a grid 4x finer (2 voxels at
+patch 8), so a thinner target is mostly boundary at its resolution: in the first corpus two thirds of the
+targets were 1-3 voxels thick and a generalist trained on it stalled far below its targets on every kind.
+
 Every object has its own contrast (brighter OR darker than the background, by 0.8-2.5 background units) and its
 own texture; later objects occlude earlier ones in the instance map. Acquisition: optional gaussian blur,
 smooth multiplicative bias, gaussian noise, z-score over the volume.
@@ -31,11 +36,13 @@ from torch.utils.data import Dataset
 from dataloaders.phantoms import bezier, ellipsoid_radius, random_rotation, smooth_field, tube_sdf
 from utils.errors import ConfigError
 
-__all__ = ["OBJECT_KINDS", "MIN_IMG_SIZE", "ShapeCorpusError", "corpus_rng", "sample_scene", "sample",
-           "ShapeCorpus"]
+__all__ = ["OBJECT_KINDS", "MIN_IMG_SIZE", "MIN_THICKNESS", "ShapeCorpusError", "corpus_rng", "sample_scene",
+           "sample", "sample_targets", "ShapeCorpus"]
 
 OBJECT_KINDS = ("blob", "tube", "shell")
 MIN_IMG_SIZE = 16
+# tube radius and shell wall, as fractions of the cube's side: U(MIN_THICKNESS, 2 * MIN_THICKNESS) * S
+MIN_THICKNESS = 0.055
 
 
 class ShapeCorpusError(ConfigError):
@@ -61,8 +68,11 @@ def _object_mask(rng: np.random.Generator, kind: str, s: int) -> np.ndarray:
         r = ellipsoid_radius(shape, centre, rng.uniform(0.07, 0.25, 3) * s, random_rotation(rng, 180))
         return (1 - r) + rng.uniform(0.0, 0.15) * smooth_field(rng, shape, (4, 4, 4)) > 0
     if kind == "shell":
-        r = ellipsoid_radius(shape, centre, rng.uniform(0.12, 0.28, 3) * s, random_rotation(rng, 180))
-        return (r < 1) & (r > 1 - rng.uniform(0.15, 0.4))
+        radii = rng.uniform(0.15, 0.3, 3) * s
+        r = ellipsoid_radius(shape, centre, radii, random_rotation(rng, 180))
+        # a wall of w voxels along the shortest axis is w / r_min in normalised radius (thicker along the others)
+        wall = rng.uniform(MIN_THICKNESS, 2 * MIN_THICKNESS) * s / radii.min()
+        return (r < 1) & (r > 1 - min(wall, 0.7))
     if kind == "tube":
         direction = rng.standard_normal(3)
         direction /= np.linalg.norm(direction)
@@ -71,7 +81,7 @@ def _object_mask(rng: np.random.Generator, kind: str, s: int) -> np.ndarray:
         p2 = centre + direction * length / 2
         p1 = centre + rng.standard_normal(3) * 0.2 * s
         pts = bezier(p0, p1, p2)
-        radii = np.linspace(1.0, rng.uniform(0.6, 1.0), len(pts)) * max(1.2, rng.uniform(0.025, 0.07) * s)
+        radii = np.linspace(1.0, rng.uniform(0.7, 1.0), len(pts)) * rng.uniform(MIN_THICKNESS, 2 * MIN_THICKNESS) * s
         return tube_sdf(shape, pts, radii, reach=0.0) < 0
     raise ShapeCorpusError(f"unknown object kind {kind!r}; expected one of {OBJECT_KINDS}")
 
@@ -108,32 +118,47 @@ def sample_scene(rng: np.random.Generator, img_size: int, n_objects: int | None 
     return image.astype(np.float32), instances, kinds
 
 
-def sample(rng: np.random.Generator, img_size: int):
-    """One training pair: (image (1,S,S,S) float32 z-scored, mask (S,S,S) uint8 {0,1}) where mask is the visible
-    part of one uniformly chosen object with at least max(20, S^3/2000) voxels (scenes without one are redrawn
-    from the same generator)."""
+def sample_targets(rng: np.random.Generator, img_size: int, n_targets: int = 1):
+    """One scene and ``n_targets`` of its objects as targets: (image (1,S,S,S) float32 z-scored, masks
+    (n_targets,S,S,S) uint8 {0,1}), each mask the visible part of one object with at least max(20, S^3/2000)
+    voxels, distinct objects in a random order (repeated cyclically when the scene has fewer eligible objects);
+    scenes without one are redrawn from the same generator."""
     s = _check_img_size(img_size)
+    if isinstance(n_targets, bool) or not isinstance(n_targets, (int, np.integer)) or n_targets < 1:
+        raise ShapeCorpusError(f"n_targets must be an integer >= 1, got {n_targets!r}")
     min_voxels = max(20, s ** 3 // 2000)
     while True:
         image, instances, _ = sample_scene(rng, s)
         counts = np.bincount(instances.ravel().astype(np.int64), minlength=1)[1:]
         eligible = np.flatnonzero(counts >= min_voxels) + 1
         if eligible.size:
-            target = int(eligible[int(rng.integers(eligible.size))])
-            return image[None], (instances == target).astype(np.uint8)
+            order = eligible[rng.permutation(eligible.size)]
+            masks = np.stack([instances == order[j % order.size] for j in range(int(n_targets))])
+            return image[None], masks.astype(np.uint8)
+
+
+def sample(rng: np.random.Generator, img_size: int):
+    """One training pair: (image (1,S,S,S) float32 z-scored, mask (S,S,S) uint8 {0,1}), the first target of
+    :func:`sample_targets` (the same draws)."""
+    image, masks = sample_targets(rng, img_size, 1)
+    return image, masks[0]
 
 
 class ShapeCorpus(Dataset):
-    """Map-style view of the corpus: item ``i`` is a pure function of (seed, i, img_size), so a DataLoader with
-    any number of workers, or a resumed run, sees exactly the same samples.
+    """Map-style view of the corpus: item ``i`` is a pure function of (seed, i, img_size, targets), so a
+    DataLoader with any number of workers, or a resumed run, sees exactly the same samples.
 
-    __getitem__(i) -> dict(image torch.float32 (1,S,S,S), label torch.uint8 (S,S,S), idx int).
+    __getitem__(i) -> dict(image torch.float32 (1,S,S,S), label torch.uint8 (S,S,S) with ``targets`` = 1, else
+    (targets,S,S,S): several objects of the same scene, prompted separately on one image encoding; idx int).
     """
 
-    def __init__(self, img_size: int, seed: int = 0, length: int = 2 ** 31 - 1):
+    def __init__(self, img_size: int, seed: int = 0, length: int = 2 ** 31 - 1, targets: int = 1):
         self.img_size = _check_img_size(img_size)
         self.seed = int(seed)
         self.length = int(length)
+        if isinstance(targets, bool) or not isinstance(targets, (int, np.integer)) or targets < 1:
+            raise ShapeCorpusError(f"targets must be an integer >= 1, got {targets!r}")
+        self.targets = int(targets)
 
     def __len__(self) -> int:
         return self.length
@@ -142,5 +167,6 @@ class ShapeCorpus(Dataset):
         index = int(index)
         if not 0 <= index < self.length:
             raise IndexError(f"ShapeCorpus index {index} out of range [0, {self.length})")
-        image, mask = sample(corpus_rng(self.seed, index), self.img_size)
-        return {"image": torch.from_numpy(image), "label": torch.from_numpy(mask), "idx": index}
+        image, masks = sample_targets(corpus_rng(self.seed, index), self.img_size, self.targets)
+        label = masks[0] if self.targets == 1 else masks
+        return {"image": torch.from_numpy(image), "label": torch.from_numpy(label), "idx": index}

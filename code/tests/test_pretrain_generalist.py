@@ -8,11 +8,11 @@ import torch
 import pretrain_generalist
 from dataloaders.layout import TRAINING_FOLDER
 from dataloaders.phantoms import write_phantom_dataset
-from dataloaders.shape_corpus import (OBJECT_KINDS, ShapeCorpus, ShapeCorpusError, corpus_rng, sample,
-                                      sample_scene)
+from dataloaders.shape_corpus import (MIN_THICKNESS, OBJECT_KINDS, ShapeCorpus, ShapeCorpusError, _object_mask,
+                                      corpus_rng, sample, sample_scene, sample_targets)
 from networks.sam_med3d import build_sam3d_from_config, clear_generalist_cache, load_generalist, sam3d_config
-from training.pretrain import (CKPT_FORMAT, H5Crops, PretrainConfig, PretrainError, config_json_path, lr_at,
-                               pretrain, simulate_padding)
+from training.pretrain import (CKPT_FORMAT, H5Crops, PretrainConfig, PretrainError, build_model, config_json_path,
+                               interaction_loss, lr_at, pretrain, simulate_padding)
 
 # the architecture of golden fixture a (img 32, patch 8, 4^3 token grid, 16^3 mask prompt)
 TINY = {
@@ -180,6 +180,65 @@ def test_h5_crops_contain_foreground_and_are_deterministic(tmp_path):
     assert torch.all(image[:, :, :2] == image.min()) and torch.all(crops[0]["label"][:, :, :2] == 0)
 
 
+def test_tubes_and_shells_are_thick_enough_for_the_generalists_output_grid():
+    from scipy import ndimage
+    size = 64
+    for kind, least in (("tube", 0.8 * MIN_THICKNESS * size), ("shell", 0.4 * MIN_THICKNESS * size)):
+        depths = []
+        for i in range(12):
+            mask = _object_mask(corpus_rng(11, i), kind, size)
+            if mask.sum() >= 20:
+                depths.append(ndimage.distance_transform_edt(mask).max())
+        # radius of a tube, half the wall of a shell; the first corpus had tubes of radius 1.2 at S = 64
+        assert len(depths) >= 8 and min(depths) >= least, (kind, depths)
+
+
+def test_several_targets_per_scene_are_distinct_objects_of_one_image():
+    image1, mask1 = sample(corpus_rng(2, 5), 32)
+    image, masks = sample_targets(corpus_rng(2, 5), 32, 3)
+    assert masks.shape == (3, 32, 32, 32) and masks.dtype == np.uint8
+    assert np.array_equal(image, image1) and np.array_equal(masks[0], mask1)   # the same draws as sample()
+    distinct = 0
+    for i in range(6):
+        _, masks = sample_targets(corpus_rng(0, i), 32, 2)
+        assert masks.reshape(2, -1).sum(1).min() >= 20
+        distinct += int(not (masks[0] & masks[1]).any())   # different instances never overlap
+    assert distinct >= 4
+    item = ShapeCorpus(32, seed=2, targets=3)[5]
+    assert tuple(item["label"].shape) == (3, 32, 32, 32)
+    assert tuple(ShapeCorpus(32, seed=2)[5]["label"].shape) == (32, 32, 32)
+    with pytest.raises(ShapeCorpusError, match="targets must be an integer >= 1, got 0"):
+        ShapeCorpus(32, targets=0)
+
+
+def test_several_targets_share_one_image_encoding(tiny_json):
+    model = build_model(json.loads(tiny_json.read_text()), seed=0)
+    images = torch.randn(2, 1, 32, 32, 32, generator=torch.Generator().manual_seed(1))
+    target = torch.zeros(2, 32, 32, 32, dtype=torch.bool)
+    target[0, 8:20, 8:20, 8:20] = True
+    target[1, 14:28, 4:16, 10:22] = True
+    calls = []
+    hook = model.image_encoder.register_forward_hook(lambda *a: calls.append(1))
+
+    def loss_of(targets):
+        # one click at the deepest point (no random draw) and a zero mask prompt: deterministic
+        return interaction_loss(model, images, targets, 1, torch.Generator().manual_seed(0),
+                                np.random.default_rng(0), no_mask_prob=0.0)
+
+    single, _ = loss_of(target)
+    single = single.detach()
+    repeated, info = loss_of(target[:, None].expand(2, 3, 32, 32, 32))
+    repeated = repeated.detach()
+    hook.remove()
+    assert calls == [1, 1]                       # the image is encoded once per batch, whatever K
+    assert repeated.item() == pytest.approx(single.item(), rel=1e-5)   # K copies of a target: the same mean loss
+    assert len(info["step_losses"]) == 1
+    padded_i, padded_t = simulate_padding(images, target[:, None].expand(2, 3, 32, 32, 32).clone(),
+                                          np.random.default_rng(0), prob=1.0)
+    assert padded_t.shape == (2, 3, 32, 32, 32) and torch.equal(padded_t[:, 0], padded_t[:, 2])
+    assert bool((padded_i != images).any())
+
+
 def test_simulate_padding_mimics_the_pad_geometry():
     images = torch.randn(3, 1, 32, 32, 32, generator=torch.Generator().manual_seed(0))
     original = images.clone()
@@ -220,6 +279,8 @@ def test_bad_settings_name_the_flag_or_file(tmp_path, tiny_json):
         pretrain(tiny_cfg(tmp_path, tiny_json, resume=str(tmp_path / "nope.pth")))
     with pytest.raises(PretrainError, match="--data .*absent: folder not found"):
         pretrain(tiny_cfg(tmp_path, tiny_json, data=str(tmp_path / "absent")))
+    with pytest.raises(PretrainError, match="--targets_per_image=2: expected 1 with --data"):
+        pretrain(tiny_cfg(tmp_path, tiny_json, data=str(tmp_path), targets_per_image=2))
     with pytest.raises(KeyError, match="unknown SAM-Med3D registry name 'vit_nope'"):
         pretrain(tiny_cfg(tmp_path, tiny_json, arch_config=None, arch="vit_nope"))
 

@@ -72,7 +72,7 @@ _DATA_STREAM = 0
 _CLICK_STREAM = 1
 _INIT_STREAM = 2
 # settings that define the sample stream, the model or the optimisation: a resume must not change them
-_RESUME_MUST_MATCH = ("seed", "batch_size", "num_clicks", "lr", "weight_decay", "lr_schedule", "warmup",
+_RESUME_MUST_MATCH = ("seed", "batch_size", "num_clicks", "targets_per_image", "lr", "weight_decay", "lr_schedule", "warmup",
                       "clip_grad", "no_mask_prob", "pad_prob", "fg_prob", "data", "data_list")
 
 
@@ -99,6 +99,7 @@ class PretrainConfig:
     seed: int = 0
     device: str = "cpu"
     num_clicks: int = 5
+    targets_per_image: int = 1              # corpus objects prompted separately on each image encoding
     no_mask_prob: float = 0.5
     pad_prob: float = 0.25
     fg_prob: float = 0.5
@@ -131,6 +132,11 @@ def _check_settings(cfg: PretrainConfig) -> None:
         bad("batch_size", "an integer >= 1")
     if cfg.num_clicks < 1:
         bad("num_clicks", "an integer >= 1")
+    if cfg.targets_per_image < 1:
+        bad("targets_per_image", "an integer >= 1")
+    if cfg.targets_per_image > 1 and cfg.data:
+        bad("targets_per_image", "1 with --data (an h5 collection has one target per crop; several need the "
+                                 "shape corpus)")
     if not cfg.lr > 0:
         bad("lr", "a positive learning rate")
     if cfg.lr_schedule not in ("cosine", "step", "constant"):
@@ -243,7 +249,7 @@ class H5Crops(Dataset):
 def _dataset(cfg: PretrainConfig, img_size: int) -> Dataset:
     data_seed = derived_seed(cfg.seed, _DATA_STREAM)
     if not cfg.data:
-        return ShapeCorpus(img_size, seed=data_seed)
+        return ShapeCorpus(img_size, seed=data_seed, targets=cfg.targets_per_image)
     base = Path(cfg.data)
     if not base.is_dir():
         raise PretrainError(f"--data {base}: folder not found (expected a folder of <case>/mri_norm2.h5)")
@@ -252,7 +258,9 @@ def _dataset(cfg: PretrainConfig, img_size: int) -> Dataset:
 
 
 def _collate(items: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.stack([it["image"] for it in items]), torch.stack([it["label"] for it in items])
+    """-> images (B, 1, S, S, S), targets (B, K, S, S, S) (K = 1 for a single-target dataset)."""
+    labels = torch.stack([it["label"] for it in items])
+    return torch.stack([it["image"] for it in items]), labels[:, None] if labels.dim() == 4 else labels
 
 
 # ----------------------------------------------------------------------------------------------- loss
@@ -277,18 +285,23 @@ def interaction_loss(model, images: torch.Tensor, targets: torch.Tensor, num_cli
     """SAM-Med3D's iterative-click training loss for one batch.
 
     Args:
-        images: (B, 1, S, S, S) normalised inputs; targets: (B, S, S, S) bool training masks.
+        images: (B, 1, S, S, S) normalised inputs; targets: (B, S, S, S) bool training masks, or (B, K, S, S, S):
+            K objects of each image, each prompted on its own with the image encoded once (SAM's several
+            masks per image: K times the supervision of one encoder pass at the cost of K decoder runs).
         generator: CPU torch.Generator for the random clicks; rng: numpy Generator for the step choices.
     Returns:
         (summed loss over the steps (scalar, with graph), info dict: 'step_losses' list[float],
-         'dice' float hard Dice of the last step's mask).
+         'dice' float hard Dice of the last step's masks, pooled over the B * K prompts).
     """
     s = images.shape[-3:]
-    targets = targets.bool()
+    per_image = targets.shape[1] if targets.dim() == 5 else 1
+    targets = targets.bool().reshape((-1,) + tuple(s))
     targets_cpu = targets.cpu()
     embeddings = model.image_encoder(images)
+    if per_image > 1:
+        embeddings = embeddings.repeat_interleave(per_image, dim=0)
     image_pe = model.prompt_encoder.get_dense_pe()
-    low_res = images.new_zeros((images.shape[0], 1) + tuple(4 * n for n in embeddings.shape[-3:]))
+    low_res = images.new_zeros((embeddings.shape[0], 1) + tuple(4 * n for n in embeddings.shape[-3:]))
     mask_only = {num_clicks - 1} if num_clicks >= 2 else set()
     if num_clicks > 3:
         mask_only.add(int(rng.integers(2, num_clicks - 1)))
@@ -322,8 +335,9 @@ def simulate_padding(images: torch.Tensor, targets: torch.Tensor, rng: np.random
     the rest filled with the darkest value of the patch (target 0 there).
 
     Per sample, with probability ``prob``: a centred box of U(0.5, 1) * S voxels per axis is kept; a sample
-    whose target would keep fewer than ``min_voxels`` voxels (but had more) is left whole.
-    images: (B, 1, S, S, S) normalised; targets: (B, S, S, S) bool. Returns new tensors of the same shapes.
+    any of whose targets would keep fewer than ``min_voxels`` voxels (but had more) is left whole.
+    images: (B, 1, S, S, S) normalised; targets: (B, S, S, S) or (B, K, S, S, S) bool. Returns new tensors of the
+    same shapes.
     """
     images, targets = images.clone(), targets.clone()
     size = images.shape[-3:]
@@ -334,11 +348,12 @@ def simulate_padding(images: torch.Tensor, targets: torch.Tensor, rng: np.random
         box = tuple(slice((n - k) // 2, (n - k) // 2 + k) for n, k in zip(size, keep))
         inside = torch.zeros(size, dtype=torch.bool, device=images.device)
         inside[box] = True
-        kept = int((targets[b] & inside).sum())
-        if kept < min_voxels <= int(targets[b].sum()):
+        per_target = targets[b].reshape((-1,) + tuple(size))
+        kept = (per_target & inside).flatten(1).sum(1)
+        if bool(((kept < min_voxels) & (per_target.flatten(1).sum(1) >= min_voxels)).any()):
             continue
         images[b, 0][~inside] = images[b, 0][box].min()
-        targets[b][~inside] = False
+        targets[b] &= inside
     return images, targets
 
 
@@ -467,7 +482,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
 
 # settings a finished checkpoint must share with a config to count as that config's model
 _SAME_MODEL = ("arch", "arch_config", "init", "data", "iterations", "batch_size", "lr", "weight_decay",
-               "lr_schedule", "warmup", "clip_grad", "seed", "num_clicks", "no_mask_prob", "fg_prob")
+               "lr_schedule", "warmup", "clip_grad", "seed", "num_clicks", "targets_per_image", "no_mask_prob",
+               "fg_prob")
 
 
 def checkpoint_status(path, cfg: PretrainConfig) -> tuple[str, str]:
