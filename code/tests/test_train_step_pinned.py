@@ -312,9 +312,10 @@ def run_method(name: str, data: dict, tmp_path) -> dict:
     # the images logged (sum of each volume, exact in float64 for these sizes)
     visuals = [None if r.visuals is None else {k: float(v.detach().double().sum()) for k, v in r.visuals.items()}
                for r in results]
+    voxels = [None if r.visuals is None else {k: v.numel() for k, v in r.visuals.items()} for r in results]
     student_sum = math.fsum(float(v.double().sum()) for v in trainer.student.state_dict().values()
                             if v.is_floating_point())
-    return {"steps": steps, "visuals": visuals, "student": state_hash(trainer.student),
+    return {"steps": steps, "visuals": visuals, "visual_voxels": voxels, "student": state_hash(trainer.student),
             "teacher": None if trainer.teacher is None else state_hash(trainer.teacher),
             "student_sum": student_sum}
 
@@ -329,14 +330,25 @@ def test_train_step_numerics_are_pinned(name, data, tmp_path):
         for key in w:
             if exact:
                 assert g[key] == w[key] or (math.isnan(g[key]) and math.isnan(w[key])), (t, key, g[key], w[key])
+            elif key.startswith("generalist/"):
+                # statistics of the thresholded pseudo-label (fractions of the patches' voxels): the tiny random
+                # generalist answers with logits near 0 over much of its crop, so another CPU's rounding moves
+                # whole voxels across the threshold (up to 0.9 % of a patch's voxels seen on an AMD EPYC): 2 %
+                assert g[key] == pytest.approx(w[key], abs=2e-2, nan_ok=True), (t, key)
             else:
                 # other kernels round differently, and UA-MT's thresholded mask turns a rounding difference into
                 # whole voxels in or out: a loose check there (the exact one runs on the recording machine)
                 assert g[key] == pytest.approx(w[key], rel=1e-2, abs=1e-5, nan_ok=True), (t, key)
     assert [v and sorted(v) for v in got["visuals"]] == [v and sorted(v) for v in want["visuals"]]
-    for g, w in zip(got["visuals"], want["visuals"]):
+    for g, w, n in zip(got["visuals"], want["visuals"], got["visual_voxels"]):
         for key in (w or {}):
-            assert g[key] == (w[key] if exact else pytest.approx(w[key], rel=1e-3)), key
+            if exact:
+                assert g[key] == w[key], key
+            elif key.endswith("pseudo_label"):
+                # the generalist's thresholded answer (see above): within 2 % of the volume's voxels
+                assert g[key] == pytest.approx(w[key], abs=2e-2 * n[key]), key
+            else:
+                assert g[key] == pytest.approx(w[key], rel=1e-3), key
     if exact:
         assert got["student"] == want["student"] and got["teacher"] == want["teacher"]
         assert got["student_sum"] == want["student_sum"]
