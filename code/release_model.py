@@ -1,6 +1,13 @@
 """Release a trained student as a float16 state dict (half the size; UA-MT key names, loadable by test_LA.py).
 
     python release_model.py --model_path ../model/LA/UAMT/iter_6000.pth --out ../model/released/LA_UAMT_16.pth
+    python release_model.py --generalist --model_path ../ckpt/demo_generalist.pth \
+        --out ../model/released/demo_generalist.pth
+
+With ``--generalist`` the input is a checkpoint of pretrain_generalist.py (its architecture inside) and the output
+is the official SAM-Med3D format, ``{'model_state_dict': float16 weights}``, with the architecture JSON beside it
+(``<out>.json``), so ``load_generalist(out, arch=<out>.json)`` and ``--generalist out`` read it (each weight is
+the float16 value, exactly, in the float32 model).
 
 Reads a plain student state dict (``iter_N.pth``, ``best_model.pth``) or a ``train_state.pth`` (its student),
 stores every floating-point tensor as float16 (integer buffers such as BatchNorm's ``num_batches_tracked`` as
@@ -61,13 +68,54 @@ def release(model_path, out, overwrite: bool = False) -> dict:
     return {"out": str(out), "sha256": sha256(out), "bytes": out.stat().st_size, "vnet": config, **report}
 
 
+def release_generalist(model_path, out, overwrite: bool = False) -> dict:
+    """Write the float16 release of the pretrain_generalist.py checkpoint ``model_path`` to ``out`` (official
+    format) and its architecture to ``<out>.json``; returns {'out', 'json', 'sha256', 'bytes', 'iteration', ...}."""
+    import json
+    from networks.sam_med3d import build_sam3d_from_config
+    from networks.sam_med3d.build import config_label
+    from networks.sam_med3d.checkpoint import load_state_dict_strict
+    from training.pretrain import CKPT_FORMAT, config_json_path
+    from utils.io import atomic_write, check_torch_file
+    out, model_path = Path(out), Path(model_path)
+    if out.exists() and not overwrite:
+        raise ConfigError(f"{out} exists; pass --overwrite to replace it")
+    if not model_path.is_file():
+        raise CheckpointError(f"--model_path {model_path}: file not found")
+    check_torch_file(model_path, "--model_path", CheckpointError)
+    try:
+        state = torch.load(model_path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure means "not our checkpoint"
+        raise CheckpointError(f"--model_path {model_path}: cannot read it ({err})") from None
+    if not isinstance(state, dict) or state.get("format") != CKPT_FORMAT:
+        raise CheckpointError(f"--model_path {model_path}: not a {CKPT_FORMAT!r} checkpoint of "
+                              "pretrain_generalist.py (expected its 'format', 'config' and 'model_state_dict')")
+    model = build_sam3d_from_config(state["config"])
+    load_state_dict_strict(model, state["model_state_dict"], config_label(state["config"]), source=str(model_path))
+    half, report = half_state_dict(model.state_dict())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_save({"model_state_dict": half}, out)
+    json_path = config_json_path(out)
+    atomic_write(json_path, lambda tmp: tmp.write_text(json.dumps(state["config"], indent=2) + "\n"))
+    return {"out": str(out), "json": str(json_path), "sha256": sha256(out), "bytes": out.stat().st_size,
+            "iteration": state.get("iteration"), "arch": config_label(state["config"]), **report}
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model_path", required=True, help="iter_N.pth, best_model.pth or train_state.pth")
     p.add_argument("--out", required=True, help="the float16 file to write (e.g. ../model/released/LA_UAMT_16.pth)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    p.add_argument("--generalist", action="store_true",
+                   help="--model_path is a pretrain_generalist.py checkpoint: write the official format + <out>.json")
     args = p.parse_args(argv)
+    if args.generalist:
+        info = release_generalist(args.model_path, args.out, args.overwrite)
+        print(f"{info['out']}: {info['bytes'] / 2**20:.1f} MiB, sha256 {info['sha256']}, {info['arch']} at iteration "
+              f"{info['iteration']}, architecture in {info['json']}, rounding at most {info['max_rel_rounding']:.2e} "
+              f"relative, {info['max_abs_rounding']:.2e} absolute")
+        return info
     info = release(args.model_path, args.out, args.overwrite)
     print(f"{info['out']}: {info['bytes'] / 2**20:.1f} MiB, sha256 {info['sha256']}, VNet({info['vnet']}), "
           f"rounding at most {info['max_rel_rounding']:.2e} relative, {info['max_abs_rounding']:.2e} absolute")

@@ -333,3 +333,25 @@ def test_keep_every_leaves_loadable_snapshots(tmp_path, tiny_json):
     load_generalist(snapshot_path(cfg.out, 2), arch=str(config_json_path(snapshot_path(cfg.out, 2))))
     with pytest.raises(PretrainError, match="keep_every"):
         pretrain(tiny_cfg(tmp_path, tiny_json, keep_every=-1))
+
+
+def test_release_generalist_writes_the_official_float16_format_that_load_generalist_reads(trained, tmp_path):
+    import release_model
+    cfg, result = trained
+    out = tmp_path / "released" / "demo_generalist.pth"
+    info = release_model.main(["--generalist", "--model_path", str(result["out"]), "--out", str(out)])
+    assert info["iteration"] == 40 and info["sha256"] == release_model.sha256(out)
+    shipped = torch.load(out, weights_only=True)
+    assert set(shipped) == {"model_state_dict"}
+    assert all(v.dtype == torch.float16 for v in shipped["model_state_dict"].values() if v.is_floating_point())
+    full = torch.load(result["out"], weights_only=True)
+    assert out.stat().st_size < 0.6 * sum(v.numel() * 4 for v in full["model_state_dict"].values())
+    assert json.loads(config_json_path(out).read_text()) == full["config"]
+    clear_generalist_cache()
+    model = load_generalist(out, arch=str(config_json_path(out)))
+    for key, value in model.state_dict().items():   # float32 model holding the float16 values exactly
+        assert value.dtype == torch.float32 and torch.equal(value, full["model_state_dict"][key].half().float()), key
+    with pytest.raises(Exception, match="exists; pass --overwrite"):
+        release_model.main(["--generalist", "--model_path", str(result["out"]), "--out", str(out)])
+    with pytest.raises(Exception, match="not a 'semisam_generalist_pretrain' checkpoint"):
+        release_model.main(["--generalist", "--model_path", str(out), "--out", str(tmp_path / "again.pth")])
