@@ -9,7 +9,8 @@ from scipy import ndimage
 import make_phantoms
 from dataloaders.la_heart import LAHeart, load_case, read_list
 from dataloaders.layout import TRAINING_FOLDER
-from dataloaders.phantoms import DEFAULT_SIZE, PhantomError, case_name, phantom_case, write_phantom_dataset
+from dataloaders.phantoms import (DEFAULT_SIZE, INTENSITY_OFFSET, INTENSITY_SCALE, PhantomError, case_name,
+                                 phantom_case, write_phantom_dataset)
 from utils.errors import run_entry
 
 SMALL = (64, 56, 40)
@@ -62,7 +63,9 @@ def test_layout_loads_with_the_la_data_layer(tmp_path):
         assert h5["label"].compression == "gzip"
     image, label = load_case(base, "PHANTOM_004")
     assert image.shape == SMALL and set(np.unique(label)) == {0, 1}
-    assert abs(float(image.mean())) < 1e-3 and abs(float(image.std()) - 1) < 1e-3  # z-scored over the volume
+    # z-scored over the volume, then the scan's own scale and offset
+    assert INTENSITY_SCALE[0] - 1e-3 < float(image.std()) < INTENSITY_SCALE[1] + 1e-3
+    assert INTENSITY_OFFSET[0] - 1e-3 < float(image.mean()) < INTENSITY_OFFSET[1] + 1e-3
     for split, n in (("train", 3), ("test", 2)):
         ds = LAHeart(base_dir=base, split=split)
         assert len(ds) == n
@@ -141,3 +144,13 @@ def test_cli_writes_the_dataset_and_reports_bad_sizes(tmp_path, capsys):
         run_entry(lambda: make_phantoms.main(["--out", str(out), "--size", "8", "8", "8"]), prog="make_phantoms.py")
     assert stop.value.code == 2
     assert capsys.readouterr().err.startswith("make_phantoms.py: error: phantom size must be 3 integers >= 24")
+
+
+def test_scans_differ_in_intensity_scale_as_the_real_data_does():
+    # the atrium's mean intensity over the LA scans spans 0.32-4.20 (10th-90th percentile 0.98-3.12); two
+    # labeled scans of one scale must not cover the population (version 3)
+    means = []
+    for i in range(12):
+        case = phantom_case(0, i, SMALL)
+        means.append(float(case.image[case.label > 0].mean()))
+    assert max(means) / min(means) > 2.5 and max(means) - min(means) > 1.5, means
