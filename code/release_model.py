@@ -75,21 +75,13 @@ def release_generalist(model_path, out, overwrite: bool = False) -> dict:
     from networks.sam_med3d import build_sam3d_from_config
     from networks.sam_med3d.build import config_label
     from networks.sam_med3d.checkpoint import load_state_dict_strict
-    from training.pretrain import CKPT_FORMAT, config_json_path
-    from utils.io import atomic_write, check_torch_file
-    out, model_path = Path(out), Path(model_path)
+    from training.pretrain import config_json_path, read_checkpoint
+    from utils.io import atomic_write
+    out = Path(out)
     if out.exists() and not overwrite:
         raise ConfigError(f"{out} exists; pass --overwrite to replace it")
-    if not model_path.is_file():
-        raise CheckpointError(f"--model_path {model_path}: file not found")
-    check_torch_file(model_path, "--model_path", CheckpointError)
-    try:
-        state = torch.load(model_path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure means "not our checkpoint"
-        raise CheckpointError(f"--model_path {model_path}: cannot read it ({err})") from None
-    if not isinstance(state, dict) or state.get("format") != CKPT_FORMAT:
-        raise CheckpointError(f"--model_path {model_path}: not a {CKPT_FORMAT!r} checkpoint of "
-                              "pretrain_generalist.py (expected its 'format', 'config' and 'model_state_dict')")
+    state = read_checkpoint(model_path, "--model_path", CheckpointError,
+                            hint=" of pretrain_generalist.py (expected its 'format', 'config' and 'model_state_dict')")
     model = build_sam3d_from_config(state["config"])
     load_state_dict_strict(model, state["model_state_dict"], config_label(state["config"]), source=str(model_path))
     half, report = half_state_dict(model.state_dict())

@@ -61,7 +61,7 @@ from utils.runtime import derived_seed
 
 __all__ = ["PretrainError", "PretrainConfig", "CKPT_FORMAT", "config_json_path", "resolve_arch", "build_model",
            "snapshot_path", "H5Crops", "seg_loss", "interaction_loss", "simulate_padding", "lr_at", "save_checkpoint",
-           "pretrain", "checkpoint_status", "ensure_pretrained"]
+           "read_checkpoint", "pretrain", "checkpoint_status", "ensure_pretrained"]
 
 log = logging.getLogger("pretrain")
 
@@ -384,18 +384,27 @@ def save_checkpoint(path, model, optimizer, iteration: int, config: dict, cfg: P
     return path
 
 
-def _load_resume(path, cfg: PretrainConfig) -> dict:
+def read_checkpoint(path, flag: str, error: type[Exception] = None, hint: str = "") -> dict:
+    """The dict of the pretraining checkpoint ``path`` given as ``flag`` (e.g. '--resume'); ``error`` (default
+    PretrainError) with one line naming the flag and file when it is missing, unreadable or of another format
+    (``hint`` is appended to that last message)."""
+    error = error or PretrainError
     path = Path(path)
     if not path.is_file():
-        raise PretrainError(f"--resume {path}: checkpoint not found")
-    check_torch_file(path, "--resume", PretrainError)
+        raise error(f"{flag} {path}: checkpoint not found")
+    check_torch_file(path, flag, error)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means "not our checkpoint"
-        raise PretrainError(f"--resume {path}: cannot read it as a pretraining checkpoint ({err})") from None
+        raise error(f"{flag} {path}: cannot read it as a pretraining checkpoint ({err})") from None
     if not isinstance(state, dict) or state.get("format") != CKPT_FORMAT:
-        raise PretrainError(f"--resume {path}: not a {CKPT_FORMAT!r} checkpoint (an official SAM-Med3D "
-                            "checkpoint starts a run with --init, not --resume)")
+        raise error(f"{flag} {path}: not a {CKPT_FORMAT!r} checkpoint{hint}")
+    return state
+
+
+def _load_resume(path, cfg: PretrainConfig) -> dict:
+    state = read_checkpoint(path, "--resume", hint=" (an official SAM-Med3D checkpoint starts a run with --init, "
+                                                   "not --resume)")
     missing = [k for k in ("model_state_dict", "optimizer_state_dict", "iteration", "config", "train_args")
                if k not in state]
     if missing:
