@@ -205,7 +205,8 @@ def _check_size(size) -> tuple[int, int, int]:
 def make_phantom(rng: np.random.Generator, size=DEFAULT_SIZE) -> Phantom:
     """Draw one LA-like case from ``rng``. See the module docstring for the anatomy and acquisition model.
 
-    Returns a :class:`Phantom` (image float32 z-scored then scaled and offset per scan, label uint8, neighbours uint8), arrays of shape ``size``.
+    Returns a :class:`Phantom` (image float32 z-scored then scaled and offset per scan, label uint8, neighbours
+    uint8), arrays of shape ``size``.
     """
     shape = _check_size(size)
     scale = np.array(shape, float) / np.array(REFERENCE_SIZE, float)  # per-axis, for positions and extents

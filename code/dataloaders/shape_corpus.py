@@ -55,6 +55,12 @@ def _check_img_size(img_size) -> int:
     return int(img_size)
 
 
+def _check_count(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ShapeCorpusError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
 def corpus_rng(seed: int, index: int) -> np.random.Generator:
     """Generator of sample ``index`` of the corpus with ``seed``."""
     return np.random.default_rng(np.random.SeedSequence(int(seed), spawn_key=(int(index),)))
@@ -124,8 +130,7 @@ def sample_targets(rng: np.random.Generator, img_size: int, n_targets: int = 1):
     voxels, distinct objects in a random order (repeated cyclically when the scene has fewer eligible objects);
     scenes without one are redrawn from the same generator."""
     s = _check_img_size(img_size)
-    if isinstance(n_targets, bool) or not isinstance(n_targets, (int, np.integer)) or n_targets < 1:
-        raise ShapeCorpusError(f"n_targets must be an integer >= 1, got {n_targets!r}")
+    n_targets = _check_count(n_targets, "n_targets")
     min_voxels = max(20, s ** 3 // 2000)
     while True:
         image, instances, _ = sample_scene(rng, s)
@@ -133,7 +138,7 @@ def sample_targets(rng: np.random.Generator, img_size: int, n_targets: int = 1):
         eligible = np.flatnonzero(counts >= min_voxels) + 1
         if eligible.size:
             order = eligible[rng.permutation(eligible.size)]
-            masks = np.stack([instances == order[j % order.size] for j in range(int(n_targets))])
+            masks = np.stack([instances == order[j % order.size] for j in range(n_targets)])
             return image[None], masks.astype(np.uint8)
 
 
@@ -156,9 +161,7 @@ class ShapeCorpus(Dataset):
         self.img_size = _check_img_size(img_size)
         self.seed = int(seed)
         self.length = int(length)
-        if isinstance(targets, bool) or not isinstance(targets, (int, np.integer)) or targets < 1:
-            raise ShapeCorpusError(f"targets must be an integer >= 1, got {targets!r}")
-        self.targets = int(targets)
+        self.targets = _check_count(targets, "targets")
 
     def __len__(self) -> int:
         return self.length

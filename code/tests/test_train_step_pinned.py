@@ -357,7 +357,7 @@ def test_train_step_numerics_are_pinned(name, data, tmp_path):
     else:
         # a thresholded mask in the loss (UA-MT's uncertainty mask, the generalist's pseudo-label) turns rounding
         # into whole voxels, so those students drift further (7e-5 relative for UA-MT under AVX2 kernels)
-        thresholded = name != "sup" and name != "mt"
+        thresholded = name not in ("sup", "mt")
         assert got["student_sum"] == pytest.approx(want["student_sum"], rel=5e-4 if thresholded else 1e-5)
 
 

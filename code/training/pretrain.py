@@ -72,8 +72,8 @@ _DATA_STREAM = 0
 _CLICK_STREAM = 1
 _INIT_STREAM = 2
 # settings that define the sample stream, the model or the optimisation: a resume must not change them
-_RESUME_MUST_MATCH = ("seed", "batch_size", "num_clicks", "targets_per_image", "lr", "weight_decay", "lr_schedule", "warmup",
-                      "clip_grad", "no_mask_prob", "pad_prob", "fg_prob", "data", "data_list")
+_RESUME_MUST_MATCH = ("seed", "batch_size", "num_clicks", "targets_per_image", "lr", "weight_decay", "lr_schedule",
+                      "warmup", "clip_grad", "no_mask_prob", "pad_prob", "fg_prob", "data", "data_list")
 
 
 class PretrainError(ProjectError, ValueError):
