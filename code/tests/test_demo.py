@@ -82,7 +82,8 @@ def test_quick_demo_shows_progress_of_every_long_stage_when_not_on_a_terminal(fi
     assert "[phantoms] 6/6 (100%)" in out
     # no official and no shipped generalist: said in one line, then the demo generalist is pretrained
     (missing,) = [l for l in out.splitlines() if "no shipped demo generalist" in l]
-    assert missing.startswith("[demo] generalist: no ") and "demo_generalist.pth: pretraining a small one" in missing
+    assert missing.startswith("[demo] generalist: no ")
+    assert "demo_generalist.pth: pretraining the demo generalist here (2 iterations" in missing
     assert "[pretrain generalist] 2/2 (100%)  loss " in out and "ETA 0:00:00" in out
     assert ("[demo] Generalist quality on 2 test case(s): with 10 clicks from the ground truth, in the 32x32x32 "
             "crop of a training patch around the target, it reaches Dice ") in out
@@ -314,7 +315,7 @@ def test_settings_presets_flags_and_errors():
     quick = demo.settings_from(demo.parse_args(["--quick", "--iterations", "5"]))
     assert quick["iterations"] == 5 and quick["patch_size"] == (32, 32, 32)
     full = demo.settings_from(demo.parse_args(["--patch_size", "48", "48", "32"]))
-    assert full["patch_size"] == (48, 48, 32) and full["iterations"] == 300
+    assert full["patch_size"] == (48, 48, 32) and full["iterations"] == 600
     assert full["iterations"] == recipe.DEFAULTS["iterations"]
     with pytest.raises(recipe.RecipeError, match="--patch_size .*multiple of 16"):
         demo.settings_from(demo.parse_args(["--patch_size", "40", "48", "32"]))
@@ -324,6 +325,7 @@ def test_settings_presets_flags_and_errors():
         demo.settings_from(demo.parse_args(["--iterations", "0"]))
     assert recipe.schedule(6000) == {"lr_step": 2500, "rampup_block": 150}
     assert recipe.schedule(300) == {"lr_step": 125, "rampup_block": 8}
+    assert recipe.schedule(600) == {"lr_step": 250, "rampup_block": 15}
     assert default_threads(3) == 3 and 1 <= default_threads(0) <= (os.cpu_count() or 1)
     assert demo.settings_from(demo.parse_args(["--max_test_cases", "0"]))["max_test_cases"] == 0
     with pytest.raises(recipe.RecipeError, match="--base_lr must be > 0"):

@@ -35,11 +35,11 @@ from utils.generalist import GeneralistBranch
 from utils.io import atomic_save, atomic_write
 
 __all__ = ["RecipeError", "METHODS", "BASELINE", "DEFAULTS", "QUICK", "NONNEGATIVE", "HELP", "DEMO_ARCH",
-           "PRETRAIN_SEED", "LA_SPACING", "CACHE", "OFFICIAL_NAME", "SHIPPED_GENERALIST", "ZERO_SHOT_CLICKS",
-           "ZERO_SHOT_CLICK_SEED", "add_setting_flags", "check_settings", "settings_from", "phantom_data",
-           "prepare_data", "pretrain_config", "prepare_generalist", "write_random_generalist", "schedule",
-           "train_config", "train_method", "evaluate_method", "run_method", "generalist_branch",
-           "zero_shot_quality", "compare_with_baseline", "verdict"]
+           "PRETRAIN_SEED", "PRETRAIN_TARGETS", "PRETRAIN_WARMUP", "LA_SPACING", "CACHE", "OFFICIAL_NAME",
+           "SHIPPED_GENERALIST", "ZERO_SHOT_CLICKS", "ZERO_SHOT_CLICK_SEED", "add_setting_flags", "check_settings",
+           "settings_from", "phantom_data", "prepare_data", "pretrain_config", "prepare_generalist",
+           "write_random_generalist", "schedule", "train_config", "train_method", "evaluate_method", "run_method",
+           "generalist_branch", "zero_shot_quality", "compare_with_baseline", "verdict"]
 
 Say = Callable[[str], None]
 
@@ -53,8 +53,8 @@ METHODS = {"MT": dict(exp="mt", specialist="mt", generalist_term="none"),
 BASELINE = "MT"
 # sized for a short run on 2 CPU cores (results/demo_cpu.md); --quick only checks that every step connects
 DEFAULTS = dict(phantom_size=(96, 96, 64), phantom_train=16, phantom_test=8, phantom_seed=0, labeled_num=2,
-                iterations=300, batch_size=4, labeled_bs=2, patch_size=(64, 64, 48), n_filters=8, base_lr=0.01,
-                seed=1337, num_clicks=10, sam_weight=0.1, pretrain_iterations=300, pretrain_batch_size=2,
+                iterations=600, batch_size=4, labeled_bs=2, patch_size=(64, 64, 48), n_filters=8, base_lr=0.01,
+                seed=1337, num_clicks=10, sam_weight=0.1, pretrain_iterations=12000, pretrain_batch_size=2,
                 pretrain_clicks=5, stride_xy=16, stride_z=8, figure_cases=2, figure_slices=3, sam_check_cases=8,
                 max_test_cases=0)
 QUICK = dict(DEFAULTS, phantom_size=(48, 48, 32), phantom_train=4, phantom_test=2, iterations=3, n_filters=4,
@@ -64,7 +64,12 @@ NONNEGATIVE = ("phantom_seed", "seed", "sam_weight", "max_test_cases")
 HELP = dict(iterations="training iterations of each method", num_clicks="generalist clicks per unlabeled patch",
             sam_check_cases="test cases on which SAM's pseudo-labels are scored", labeled_num="labeled scans",
             max_test_cases="evaluate only the first N test cases (0: all)")
-DEMO_ARCH, PRETRAIN_SEED, LA_SPACING = "vit_tiny_demo", 1337, (0.625, 0.625, 0.625)
+LA_SPACING = (0.625, 0.625, 0.625)
+# the shipped demo generalist's recipe (model/README.md), which `--generalist pretrain` repeats: pretrain_generalist.py
+# --arch DEMO_ARCH --batch_size <pretrain_batch_size> --num_clicks <pretrain_clicks> --iterations
+# <pretrain_iterations> --seed PRETRAIN_SEED --targets_per_image PRETRAIN_TARGETS --warmup PRETRAIN_WARMUP (at most a
+# tenth of the iterations) and the other flags at their defaults
+DEMO_ARCH, PRETRAIN_SEED, PRETRAIN_TARGETS, PRETRAIN_WARMUP = "vit_small_demo", 1337, 4, 200
 # (phantom folder under the data root, pretrained demo generalist under the checkpoint folder) per --quick
 CACHE = {False: ("phantoms", "demo_generalist.pth"), True: ("phantoms_quick", "demo_generalist_quick.pth")}
 OFFICIAL_NAME = "sam_med3d.pth"
@@ -142,12 +147,13 @@ def prepare_data(root, s: dict, *, choice: str = "auto", quick: bool = False, pr
 
 # ----------------------------------------------------------------------------------------------- generalist
 def pretrain_config(s: dict, path: Path, device: str, progress: bool) -> PretrainConfig:
-    """pretrain_generalist.py's recipe (PretrainConfig's defaults) at the demo's length, batch and clicks."""
+    """The shipped demo generalist's recipe (DEMO_ARCH, PRETRAIN_*, PretrainConfig's other defaults) at the
+    settings' length, batch and clicks."""
     n = s["pretrain_iterations"]
     return PretrainConfig(out=str(path), arch=DEMO_ARCH, iterations=n, batch_size=s["pretrain_batch_size"],
-                          warmup=min(50, max(1, n // 10)), seed=PRETRAIN_SEED, device=device,
-                          num_clicks=s["pretrain_clicks"], log_every=max(1, n // 10), save_every=max(1, n // 5),
-                          progress=progress)
+                          warmup=min(PRETRAIN_WARMUP, max(1, n // 10)), seed=PRETRAIN_SEED, device=device,
+                          num_clicks=s["pretrain_clicks"], targets_per_image=PRETRAIN_TARGETS,
+                          log_every=max(1, min(100, n // 10)), save_every=max(1, min(100, n // 5)), progress=progress)
 
 
 def prepare_generalist(choice: str, s: dict, *, ckpt_dir, shipped=None, arch: str = "vit_b_ori",
@@ -179,8 +185,9 @@ def prepare_generalist(choice: str, s: dict, *, ckpt_dir, shipped=None, arch: st
         say(f"generalist: the shipped demo generalist {shipped} ({arch_json.name})")
         return dict(path=str(shipped), arch=str(arch_json), kind="shipped demo", action="found")
     if choice == "auto":
-        say(f"generalist: no {official} and no shipped demo generalist {shipped}: pretraining a small one here, "
-            "which knows too little for SemiSAM to gain from it")
+        say(f"generalist: no {official} and no shipped demo generalist {shipped}: pretraining the demo generalist "
+            f"here ({s['pretrain_iterations']} iterations; on a CPU that takes hours, --pretrain_iterations shortens it "
+            "and a short one knows too little for SemiSAM to gain from it)")
     cfg = pretrain_config(s, Path(ckpt_dir) / CACHE[quick][1], device, progress)
     info = dict(path=cfg.out, arch=str(config_json_path(cfg.out)), kind="demo", pretrain_arch=DEMO_ARCH,
                 pretrain_iterations=cfg.iterations)
