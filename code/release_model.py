@@ -5,7 +5,8 @@
         --out ../model/released/demo_generalist.pth
 
 With ``--generalist`` the input is a checkpoint of pretrain_generalist.py (its architecture inside) and the output
-is the official SAM-Med3D format, ``{'model_state_dict': float16 weights}``, with the architecture JSON beside it
+is the official SAM-Med3D format, ``{'model_state_dict': float16 weights}`` (plus ``iteration`` and
+``pretrain_args``, the run's settings, which loaders ignore), with the architecture JSON beside it
 (``<out>.json``), so ``load_generalist(out, arch=<out>.json)`` and ``--generalist out`` read it (each weight is
 the float16 value, exactly, in the float32 model).
 
@@ -86,7 +87,9 @@ def release_generalist(model_path, out, overwrite: bool = False) -> dict:
     load_state_dict_strict(model, state["model_state_dict"], config_label(state["config"]), source=str(model_path))
     half, report = half_state_dict(model.state_dict())
     out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_save({"model_state_dict": half}, out)
+    # the official format ({'model_state_dict'}) plus what made it, which load_generalist ignores
+    atomic_save({"model_state_dict": half, "iteration": state.get("iteration"),
+                 "pretrain_args": state.get("train_args")}, out)
     json_path = config_json_path(out)
     atomic_write(json_path, lambda tmp: tmp.write_text(json.dumps(state["config"], indent=2) + "\n"))
     return {"out": str(out), "json": str(json_path), "sha256": sha256(out), "bytes": out.stat().st_size,

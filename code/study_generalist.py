@@ -67,6 +67,7 @@ RANDOM_SEED = 0            # the weights of random:ARCH, as eval_generalist.py -
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*\Z")
 BASELINE_FOLDER = "baseline"      # <work>/runs/seed<S>/baseline/mt; no generalist may take this name
 RESULT_NAME, KEY_NAME = "study_result.json", "study_key.json"
+RESUME_HINT = "running the same study_generalist.py command again resumes from it"
 ABOUT = ("Does SemiSAM help more when its generalist knows more? Each method is trained with each generalist "
          "and compared with MT trained with the same seed on the same data (the demo's recipe); the generalist's "
          "quality is its zero-shot Dice with clicks from the ground truth.")
@@ -249,14 +250,14 @@ def run_one(label: str, name: str, g: Optional[dict], seed: int, s: dict, data: 
         try:
             train_seconds = train_method(train_config(
                 name, dict(s, seed=seed), data, g, model_dir=model_dir, device=device, channels_last=cfg.channels_last,
-                progress=cfg.progress, overwrite=False, resume="auto"))["seconds"]
+                progress=cfg.progress, overwrite=False, resume="auto"), RESUME_HINT)["seconds"]
         except TrainStateError as err:     # the training code refused the state: start afresh
             say(f"{label}: cannot resume ({err}); training afresh")
             plan = "fresh"
     if plan == "fresh":
         say(f"{label}: training {cfg.max_iterations} iterations -> {folder} ({why})")
         _write_json(folder / KEY_NAME, key)
-        train_seconds = train_method(cfg)["seconds"]
+        train_seconds = train_method(cfg, RESUME_HINT)["seconds"]
     if plan == "done":
         say(f"{label}: {why}; evaluating it")
     checkpoint = folder / f"iter_{cfg.max_iterations}.pth"

@@ -83,8 +83,9 @@ def test_quick_demo_shows_progress_of_every_long_stage_when_not_on_a_terminal(fi
     # no official and no shipped generalist: said in one line, then the demo generalist is pretrained
     (missing,) = [l for l in out.splitlines() if "no shipped demo generalist" in l]
     assert missing.startswith("[demo] generalist: no ")
-    assert "demo_generalist.pth: pretraining the demo generalist here (2 iterations" in missing
+    assert "demo_generalist.pth: pretraining the demo generalist here (3 iterations in 2 stages" in missing
     assert "[pretrain generalist] 2/2 (100%)  loss " in out and "ETA 0:00:00" in out
+    assert "[pretrain generalist] 1/1 (100%)  loss " in out
     assert ("[demo] Generalist quality on 2 test case(s): with 10 clicks from the ground truth, in the 32x32x32 "
             "crop of a training patch around the target, it reaches Dice ") in out
     for exp in ("mt", "semisam_mt", "semisam_plus"):
@@ -226,30 +227,52 @@ def choose(choice: str, tmp_path: Path, s: dict, messages: list | None = None, *
                                      say=(messages if messages is not None else []).append, **kw)
 
 
-def test_generalist_cache_status_and_resume(tmp_path, one_thread):
+def test_pretrain_stages_are_the_shipped_recipe_and_scale():
+    s = demo.settings_from(demo.parse_args([]))
+    full = recipe.pretrain_configs(s, "ck", False, "cpu", progress=False)
+    # stage 1: the first 5000 iterations of a 12000-iteration cosine schedule, 5 clicks; stage 2 from it, 10 clicks
+    assert [(c.iterations, c.stop_at, c.warmup, c.num_clicks, c.lr, c.seed, c.batch_size, c.targets_per_image)
+            for c in full] == [(12000, 5000, 200, 5, 8e-4, 1337, 2, 4), (2500, None, 50, 10, 4e-4, 1338, 2, 4)]
+    assert full[0].init is None and full[1].init == full[0].out == str(Path("ck") / "demo_generalist_stage1.pth")
+    assert full[1].out == str(Path("ck") / "demo_generalist.pth") and {c.arch for c in full} == {recipe.DEMO_ARCH}
+    half = recipe.pretrain_configs(dict(s, pretrain_scale=0.5), "ck", False, "cpu", progress=False)
+    assert [(c.iterations, c.stop_at, c.warmup) for c in half] == [(6000, 2500, 100), (1250, None, 25)]
+    quick = recipe.pretrain_configs(demo.settings_from(demo.parse_args(["--quick"])), "ck", True, "cpu", False)
+    assert [(c.iterations, c.stop_at) for c in quick] == [(5, 2), (1, None)]
+    assert quick[1].out == str(Path("ck") / "demo_generalist_quick.pth")
+    with pytest.raises(recipe.RecipeError, match="--pretrain_scale must be > 0"):
+        demo.settings_from(demo.parse_args(["--pretrain_scale", "0"]))
+
+
+def test_generalist_stages_cache_status_and_resume(tmp_path, one_thread):
     s = demo.settings_from(demo.parse_args(["--quick"]))
-    path = tmp_path / "ckpt" / recipe.CACHE[True][1]
-    cfg = recipe.pretrain_config(s, path, "cpu", progress=False)
-    assert checkpoint_status(path, cfg)[0] == "missing"
+    first, last = recipe.pretrain_configs(s, tmp_path / "ckpt", True, "cpu", progress=False)
+    assert checkpoint_status(first.out, first)[0] == "missing"
     with pytest.raises(recipe.RecipeError, match="skip_pretrain.*does not exist"):
         choose("auto", tmp_path, s, skip_pretrain=True)
-    # an interrupted pretraining (stopped after 1 of 2 iterations) is resumed, not restarted
-    cfg.stop_at = 1
-    pretrain(cfg)
-    status, reason = checkpoint_status(path, recipe.pretrain_config(s, path, "cpu", False))
+    # an interrupted stage 1 (stopped after 1 of its 2 iterations) is resumed, not restarted; then stage 2 runs
+    pretrain(dataclasses.replace(first, stop_at=1))
+    status, reason = checkpoint_status(first.out, first)
     assert status == "partial" and "iteration 1 of 2" in reason
-    info = choose("auto", tmp_path, s)
-    assert info["action"] == "resumed" and info["kind"] == "demo"
-    assert torch.load(path, weights_only=True)["iteration"] == 2
-    assert checkpoint_status(path, recipe.pretrain_config(s, path, "cpu", False))[0] == "done"
+    said = []
+    info = choose("auto", tmp_path, s, said)
+    assert [stage["action"] for stage in info["stages"]] == ["resumed", "trained"] and info["kind"] == "demo"
+    assert info["path"] == last.out and info["pretrain_iterations"] == 3
+    assert any(m.startswith("generalist: stage 1/2: ") and "resuming" in m for m in said)
+    assert torch.load(first.out, weights_only=True)["iteration"] == 2      # stopped where stage 1 stops
+    second = torch.load(last.out, weights_only=True)
+    assert second["iteration"] == 1 and second["train_args"]["init"] == first.out
+    assert [checkpoint_status(c.out, c)[0] for c in (first, last)] == ["done", "done"]
+    assert [stage["action"] for stage in choose("auto", tmp_path, s)["stages"]] == ["reused", "reused"]
     # other settings: not the demo's model
-    status, reason = checkpoint_status(path, recipe.pretrain_config(dict(s, pretrain_clicks=3), path, "cpu", False))
-    assert status == "mismatch" and "num_clicks 2 (want 3)" in reason
+    status, reason = checkpoint_status(last.out, dataclasses.replace(last, num_clicks=3))
+    assert status == "mismatch" and "num_clicks 10 (want 3)" in reason
     # --skip_pretrain takes the file as it is and reports what it really holds
-    info = choose("pretrain", tmp_path, dict(s, pretrain_iterations=50), skip_pretrain=True)
-    assert info["action"] == "used as is" and info["pretrain_iterations"] == 2
-    path.write_bytes(b"not a checkpoint")
-    assert checkpoint_status(path, cfg)[0] == "mismatch"
+    info = choose("pretrain", tmp_path, dict(s, pretrain_scale=0.5), skip_pretrain=True)
+    assert info["action"] == "used as is" and info["final_stage_iteration"] == 1
+    assert info["pretrain_iterations"] is None
+    Path(last.out).write_bytes(b"not a checkpoint")
+    assert checkpoint_status(last.out, last)[0] == "mismatch"
 
 
 def test_generalist_choice_official_then_shipped_then_pretrained(tmp_path):

@@ -335,6 +335,10 @@ def test_keep_every_leaves_loadable_snapshots(tmp_path, tiny_json):
         pretrain(tiny_cfg(tmp_path, tiny_json, keep_every=-1))
 
 
+def full_args(path) -> dict:
+    return torch.load(path, weights_only=True)["train_args"]
+
+
 def test_release_generalist_writes_the_official_float16_format_that_load_generalist_reads(trained, tmp_path):
     import release_model
     cfg, result = trained
@@ -342,7 +346,8 @@ def test_release_generalist_writes_the_official_float16_format_that_load_general
     info = release_model.main(["--generalist", "--model_path", str(result["out"]), "--out", str(out)])
     assert info["iteration"] == 40 and info["sha256"] == release_model.sha256(out)
     shipped = torch.load(out, weights_only=True)
-    assert set(shipped) == {"model_state_dict"}
+    assert set(shipped) == {"model_state_dict", "iteration", "pretrain_args"} and shipped["iteration"] == 40
+    assert shipped["pretrain_args"] == full_args(result["out"])
     assert all(v.dtype == torch.float16 for v in shipped["model_state_dict"].values() if v.is_floating_point())
     full = torch.load(result["out"], weights_only=True)
     assert out.stat().st_size < 0.6 * sum(v.numel() * 4 for v in full["model_state_dict"].values())

@@ -141,10 +141,10 @@ def test_resume_command_keeps_the_flags_and_adds_resume():
     assert resume_command(["--seed", "1"], "t.py", world_size=2) == "torchrun --nproc_per_node=2 t.py --seed 1 --resume"
 
 
-def _start(args, tmp_path, name):
+def _start(args, tmp_path, name, command=("train_LA_mt.py",)):
     env = dict(os.environ, OMP_NUM_THREADS="1", SEMISAM_NO_REEXEC="1")
     out, err = open(tmp_path / f"{name}.out", "w"), open(tmp_path / f"{name}.err", "w")
-    return subprocess.Popen([sys.executable, "train_LA_mt.py", *args], cwd=CODE_DIR, env=env, stdout=out, stderr=err)
+    return subprocess.Popen([sys.executable, *command, *args], cwd=CODE_DIR, env=env, stdout=out, stderr=err)
 
 
 def _signal_after(proc, log: Path, iteration: int, signum: int) -> None:
@@ -188,6 +188,18 @@ def test_ctrl_c_saves_a_resumable_state_and_the_logged_command_continues_bit_ide
     assert got.pop("iteration") == stop == full.iteration
     assert_identical(got, {"student": full.student.state_dict(), "teacher": full.teacher.state_dict(),
                            "momentum": [s["momentum_buffer"] for s in full.optimizer.state_dict()["state"].values()]})
+
+
+def test_a_caller_that_is_not_a_training_script_logs_its_own_resume_hint(la_data_dir, train_list, tmp_path):
+    """demo.py and study_generalist.py train through training.run.main without flags of their own: an
+    interrupted run's log says what their user should do, not a `<script> --resume` that does not exist."""
+    program = ("import sys; from training.run import main; "
+               "main({'specialist': 'mt'}, sys.argv[1:], resume_hint='running the same study again resumes')")
+    proc = _start(run_args(la_data_dir, train_list, tmp_path, "hint", iters=1000), tmp_path, "hint", ("-c", program))
+    _signal_after(proc, tmp_path / "hint" / "log.txt", 1, signal.SIGINT)
+    proc.wait(timeout=240)
+    line = next(x for x in (tmp_path / "hint" / "log.txt").read_text().splitlines() if "interrupted by SIGINT" in x)
+    assert line.endswith("train_state.pth; running the same study again resumes") and "--resume" not in line
 
 
 def test_sigterm_saves_and_exits_143(la_data_dir, train_list, tmp_path):

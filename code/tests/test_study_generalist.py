@@ -244,8 +244,8 @@ def test_defaults_are_the_demo_recipe_with_more_test_cases():
     # the demo's training and evaluation settings, without those of the demo's own generalist and figure
     assert {k: v for k, v in s.items() if k != "phantom_test"} == {
         k: v for k, v in study.DEFAULTS.items() if k != "phantom_test" and k in study.STUDY_DEFAULTS}
-    assert not {"pretrain_iterations", "figure_cases", "seed"} & set(s) and {"iterations", "stride_z"} <= set(s)
+    assert not {"pretrain_scale", "figure_cases", "seed"} & set(s) and {"iterations", "stride_z"} <= set(s)
     assert study.settings_from(study.parse_args(["--generalists", "a=random:x", "--phantom_test", "8"]),
                                study.STUDY_DEFAULTS, study.STUDY_QUICK)["phantom_test"] == 8
     with pytest.raises(SystemExit):
-        study.parse_args(["--generalists", "a=random:x", "--pretrain_iterations", "5"])
+        study.parse_args(["--generalists", "a=random:x", "--pretrain_scale", "0.5"])

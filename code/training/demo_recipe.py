@@ -35,9 +35,9 @@ from utils.generalist import GeneralistBranch
 from utils.io import atomic_save, atomic_write
 
 __all__ = ["RecipeError", "METHODS", "BASELINE", "DEFAULTS", "QUICK", "NONNEGATIVE", "HELP", "DEMO_ARCH",
-           "PRETRAIN_SEED", "PRETRAIN_TARGETS", "PRETRAIN_WARMUP", "LA_SPACING", "CACHE", "OFFICIAL_NAME",
-           "SHIPPED_GENERALIST", "ZERO_SHOT_CLICKS", "ZERO_SHOT_CLICK_SEED", "add_setting_flags", "check_settings",
-           "settings_from", "phantom_data", "prepare_data", "pretrain_config", "prepare_generalist",
+           "PRETRAIN_BATCH", "PRETRAIN_TARGETS", "PRETRAIN_STAGES", "LA_SPACING", "CACHE", "OFFICIAL_NAME",
+           "SHIPPED_GENERALIST", "DEMO_RESUME_HINT", "ZERO_SHOT_CLICKS", "ZERO_SHOT_CLICK_SEED", "add_setting_flags",
+           "check_settings", "settings_from", "phantom_data", "prepare_data", "pretrain_configs", "prepare_generalist",
            "write_random_generalist", "schedule", "train_config", "train_method", "evaluate_method", "run_method",
            "generalist_branch", "zero_shot_quality", "compare_with_baseline", "verdict"]
 
@@ -54,28 +54,34 @@ BASELINE = "MT"
 # sized for a short run on 2 CPU cores (results/demo_cpu.md); --quick only checks that every step connects
 DEFAULTS = dict(phantom_size=(96, 96, 64), phantom_train=16, phantom_test=8, phantom_seed=0, labeled_num=2,
                 iterations=600, batch_size=4, labeled_bs=2, patch_size=(64, 64, 48), n_filters=8, base_lr=0.01,
-                seed=1337, num_clicks=10, sam_weight=0.1, pretrain_iterations=12000, pretrain_batch_size=2,
-                pretrain_clicks=5, stride_xy=16, stride_z=8, figure_cases=2, figure_slices=3, sam_check_cases=8,
-                max_test_cases=0)
+                seed=1337, num_clicks=10, sam_weight=0.1, pretrain_scale=1.0, stride_xy=16, stride_z=8,
+                figure_cases=2, figure_slices=3, sam_check_cases=8, max_test_cases=0)
 QUICK = dict(DEFAULTS, phantom_size=(48, 48, 32), phantom_train=4, phantom_test=2, iterations=3, n_filters=4,
-             patch_size=(32, 32, 32), num_clicks=2, pretrain_iterations=2, pretrain_batch_size=1, pretrain_clicks=2,
-             stride_z=16, figure_cases=1, figure_slices=2, sam_check_cases=2)
+             patch_size=(32, 32, 32), num_clicks=2, pretrain_scale=0.0004, stride_z=16, figure_cases=1,
+             figure_slices=2, sam_check_cases=2)
 NONNEGATIVE = ("phantom_seed", "seed", "sam_weight", "max_test_cases")
 HELP = dict(iterations="training iterations of each method", num_clicks="generalist clicks per unlabeled patch",
             sam_check_cases="test cases on which SAM's pseudo-labels are scored", labeled_num="labeled scans",
-            max_test_cases="evaluate only the first N test cases (0: all)")
+            max_test_cases="evaluate only the first N test cases (0: all)",
+            pretrain_scale="length of --generalist pretrain's stages, as a fraction of the shipped recipe's")
 LA_SPACING = (0.625, 0.625, 0.625)
-# the shipped demo generalist's recipe (model/README.md), which `--generalist pretrain` repeats: pretrain_generalist.py
-# --arch DEMO_ARCH --batch_size <pretrain_batch_size> --num_clicks <pretrain_clicks> --iterations
-# <pretrain_iterations> --seed PRETRAIN_SEED --targets_per_image PRETRAIN_TARGETS --warmup PRETRAIN_WARMUP (at most a
-# tenth of the iterations) and the other flags at their defaults
-DEMO_ARCH, PRETRAIN_SEED, PRETRAIN_TARGETS, PRETRAIN_WARMUP = "vit_small_demo", 1337, 4, 200
+# The shipped demo generalist's recipe (model/README.md), which `--generalist pretrain` repeats: two runs of
+# pretrain_generalist.py on the synthetic shape corpus, each with --arch DEMO_ARCH --batch_size PRETRAIN_BATCH
+# --targets_per_image PRETRAIN_TARGETS, its stage's flags, and the others at their defaults; stage 2 starts
+# (--init) from stage 1's weights. Stage 1 is the first 5000 iterations of a 12000-iteration cosine schedule with 5
+# clicks (the training protocol of SAM-Med3D); stage 2 trains with 10 clicks, as SemiSAM and eval_generalist.py
+# prompt (results/demo_study.md: with 5 the Dice stopped rising after 5 clicks).
+DEMO_ARCH, PRETRAIN_BATCH, PRETRAIN_TARGETS = "vit_small_demo", 2, 4
+PRETRAIN_STAGES = (dict(iterations=12000, stop_at=5000, lr=8e-4, warmup=200, num_clicks=5, seed=1337),
+                   dict(iterations=2500, stop_at=None, lr=4e-4, warmup=50, num_clicks=10, seed=1338))
 # (phantom folder under the data root, pretrained demo generalist under the checkpoint folder) per --quick
 CACHE = {False: ("phantoms", "demo_generalist.pth"), True: ("phantoms_quick", "demo_generalist_quick.pth")}
 OFFICIAL_NAME = "sam_med3d.pth"
 # the demo generalist released with the repository (its architecture JSON beside it, config_json_path), written
 # relative to code/ as the scripts' default paths are (dataloaders.layout.repo_default)
 SHIPPED_GENERALIST = "../model/released/demo_generalist.pth"
+# what an interrupted demo run's training log says (demo.py retrains every method when run again)
+DEMO_RESUME_HINT = "running the same command again retrains this method from its start"
 # a generalist's own quality: clicks simulated from the ground truth, as eval_generalist.py's defaults
 ZERO_SHOT_CLICKS, ZERO_SHOT_CLICK_SEED = 10, 0
 
@@ -146,14 +152,24 @@ def prepare_data(root, s: dict, *, choice: str = "auto", quick: bool = False, pr
 
 
 # ----------------------------------------------------------------------------------------------- generalist
-def pretrain_config(s: dict, path: Path, device: str, progress: bool) -> PretrainConfig:
-    """The shipped demo generalist's recipe (DEMO_ARCH, PRETRAIN_*, PretrainConfig's other defaults) at the
-    settings' length, batch and clicks."""
-    n = s["pretrain_iterations"]
-    return PretrainConfig(out=str(path), arch=DEMO_ARCH, iterations=n, batch_size=s["pretrain_batch_size"],
-                          warmup=min(PRETRAIN_WARMUP, max(1, n // 10)), seed=PRETRAIN_SEED, device=device,
-                          num_clicks=s["pretrain_clicks"], targets_per_image=PRETRAIN_TARGETS,
-                          log_every=max(1, min(100, n // 10)), save_every=max(1, min(100, n // 5)), progress=progress)
+def pretrain_configs(s: dict, ckpt_dir, quick: bool, device: str, progress: bool) -> list[PretrainConfig]:
+    """The stages of the shipped demo generalist's recipe (:data:`PRETRAIN_STAGES`), each stage's iterations,
+    stop and warmup scaled by ``s['pretrain_scale']`` (1: the shipped recipe). The last stage writes
+    ``<ckpt_dir>/demo_generalist[_quick].pth``, stage i before it ``..._stage<i>.pth``, and each later stage starts
+    from the one before."""
+    k, final = s["pretrain_scale"], Path(ckpt_dir) / CACHE[quick][1]
+    cfgs: list[PretrainConfig] = []
+    for i, stage in enumerate(PRETRAIN_STAGES, 1):
+        n = max(1, round(stage["iterations"] * k))
+        stop = None if stage["stop_at"] is None else min(n, max(1, round(stage["stop_at"] * k)))
+        out = final if i == len(PRETRAIN_STAGES) else final.with_name(f"{final.stem}_stage{i}{final.suffix}")
+        length = stop or n
+        cfgs.append(PretrainConfig(
+            out=str(out), arch=DEMO_ARCH, init=cfgs[-1].out if cfgs else None, iterations=n, stop_at=stop,
+            batch_size=PRETRAIN_BATCH, targets_per_image=PRETRAIN_TARGETS, lr=stage["lr"],
+            warmup=round(stage["warmup"] * k), num_clicks=stage["num_clicks"], seed=stage["seed"], device=device,
+            log_every=max(1, min(100, length // 10)), save_every=max(1, min(100, length // 5)), progress=progress))
+    return cfgs
 
 
 def prepare_generalist(choice: str, s: dict, *, ckpt_dir, shipped=None, arch: str = "vit_b_ori",
@@ -164,8 +180,9 @@ def prepare_generalist(choice: str, s: dict, *, ckpt_dir, shipped=None, arch: st
     ``choice``: 'auto' = ``<ckpt_dir>/sam_med3d.pth`` (the official SAM-Med3D) if present, else the shipped demo
     generalist ``shipped`` (default the repository's :data:`SHIPPED_GENERALIST`; its architecture JSON beside it)
     if present, else as 'pretrain'; 'pretrain' = the demo generalist trained here from random weights on synthetic
-    shapes with the demo's ``pretrain_*`` settings (``ckpt_dir/demo_generalist[_quick].pth``: reused when it holds
-    a finished run of exactly these settings, resumed when interrupted; ``skip_pretrain``: used as it is);
+    shapes with the shipped generalist's recipe (:func:`pretrain_configs`; ``ckpt_dir/demo_generalist[_quick].pth``:
+    each stage reused when it holds a finished run of exactly its settings, resumed when interrupted;
+    ``skip_pretrain``: used as it is);
     anything else = the path of a checkpoint of architecture ``arch``."""
     if choice not in ("auto", "pretrain"):
         if not Path(choice).is_file():
@@ -184,21 +201,25 @@ def prepare_generalist(choice: str, s: dict, *, ckpt_dir, shipped=None, arch: st
                               "it; restore both, or pass --generalist pretrain")
         say(f"generalist: the shipped demo generalist {shipped} ({arch_json.name})")
         return dict(path=str(shipped), arch=str(arch_json), kind="shipped demo", action="found")
+    cfgs = pretrain_configs(s, ckpt_dir, quick, device, progress)
+    total = sum(c.stop_at or c.iterations for c in cfgs)
     if choice == "auto":
         say(f"generalist: no {official} and no shipped demo generalist {shipped}: pretraining the demo generalist "
-            f"here ({s['pretrain_iterations']} iterations; on a CPU that takes hours, --pretrain_iterations shortens it "
-            "and a short one knows too little for SemiSAM to gain from it)")
-    cfg = pretrain_config(s, Path(ckpt_dir) / CACHE[quick][1], device, progress)
-    info = dict(path=cfg.out, arch=str(config_json_path(cfg.out)), kind="demo", pretrain_arch=DEMO_ARCH,
-                pretrain_iterations=cfg.iterations)
+            f"here ({total} iterations in {len(cfgs)} stages; on a CPU that takes hours, and a shorter one "
+            "(--pretrain_scale) knows too little for SemiSAM to gain from it)")
+    final = cfgs[-1].out
+    info = dict(path=final, arch=str(config_json_path(final)), kind="demo", pretrain_arch=DEMO_ARCH,
+                pretrain_iterations=total)
     if not skip_pretrain:
-        return dict(info, **ensure_pretrained(cfg, say=lambda m: say(f"generalist: {m}")))
-    if not Path(cfg.out).is_file() or not config_json_path(cfg.out).is_file():
-        raise RecipeError(f"--skip_pretrain: {cfg.out} or {config_json_path(cfg.out)} does not exist; run once "
+        stages = [ensure_pretrained(cfg, say=lambda m, i=i: say(f"generalist: stage {i}/{len(cfgs)}: {m}"))
+                  for i, cfg in enumerate(cfgs, 1)]
+        return dict(info, **stages[-1], stages=stages)
+    if not Path(final).is_file() or not config_json_path(final).is_file():
+        raise RecipeError(f"--skip_pretrain: {final} or {config_json_path(final)} does not exist; run once "
                           "without --skip_pretrain to train it")
-    say(f"generalist: using {cfg.out} as it is (--skip_pretrain)")
-    iteration = torch.load(cfg.out, map_location="cpu", weights_only=True).get("iteration")
-    return dict(info, action="used as is", pretrain_iterations=iteration)
+    say(f"generalist: using {final} as it is (--skip_pretrain)")
+    iteration = torch.load(final, map_location="cpu", weights_only=True).get("iteration")
+    return dict(info, action="used as is", pretrain_iterations=None, final_stage_iteration=iteration)
 
 
 def write_random_generalist(arch: str, path, seed: int = 0) -> str:
@@ -278,12 +299,13 @@ def train_config(name: str, s: dict, data: dict, generalist: Optional[dict], *, 
     return TrainConfig(**values).validate()
 
 
-def train_method(cfg: TrainConfig) -> dict:
+def train_method(cfg: TrainConfig, resume_hint: Optional[str] = None) -> dict:
     """Train ``cfg`` as the train_LA_*.py scripts do: ``training.run.main(fields, argv=[])`` rebuilds exactly this
-    TrainConfig (no flags to parse) and runs it. Returns dict(checkpoint (the last iteration's student),
-    last_losses, seconds)."""
+    TrainConfig (no flags to parse) and runs it; ``resume_hint`` is what an interrupted run's log tells the user
+    to do (default: the demo's answer, rerun from the start). Returns dict(checkpoint (the last iteration's
+    student), last_losses, seconds)."""
     start = time.perf_counter()
-    trainer = train(dataclasses.asdict(cfg), [])
+    trainer = train(dataclasses.asdict(cfg), [], resume_hint=resume_hint or DEMO_RESUME_HINT)
     last = trainer.last_result.values if trainer.last_result is not None else {}
     return dict(checkpoint=str(cfg.snapshot_path / f"iter_{cfg.max_iterations}.pth"),
                 last_losses={k: float(v) for k, v in last.items()}, seconds=time.perf_counter() - start)

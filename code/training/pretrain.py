@@ -449,7 +449,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     indices = range(start * cfg.batch_size, stop * cfg.batch_size)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=indices, num_workers=cfg.workers,
                         collate_fn=_collate, persistent_workers=False)
-    bar = Progress(cfg.iterations, desc="pretrain generalist", initial=start, enabled=cfg.progress)
+    bar = Progress(stop, desc="pretrain generalist", initial=start, enabled=cfg.progress)   # this run's end
     dices: list[float] = []
     t = start
     for images, targets in loader:
@@ -497,8 +497,8 @@ _SAME_MODEL = ("arch", "arch_config", "init", "data", "iterations", "batch_size"
 
 def checkpoint_status(path, cfg: PretrainConfig) -> tuple[str, str]:
     """('done' | 'partial' | 'mismatch' | 'missing', reason) of the checkpoint at ``path`` against ``cfg``:
-    done = a finished run with the same settings and architecture (config JSON beside it included); partial =
-    the same run, stopped early (resumable)."""
+    done = a finished run with the same settings and architecture (config JSON beside it included), at
+    ``cfg.stop_at`` when that is set; partial = the same run, stopped earlier (resumable)."""
     path = Path(path)
     if not path.is_file():
         return "missing", f"{path} does not exist"
@@ -517,8 +517,9 @@ def checkpoint_status(path, cfg: PretrainConfig) -> tuple[str, str]:
     json_path = config_json_path(path)
     if not json_path.is_file() or json.loads(json_path.read_text()) != ckpt["config"]:
         return "mismatch", f"{json_path} is missing or differs from the checkpoint's architecture"
-    if int(ckpt.get("iteration", -1)) < cfg.iterations:
-        return "partial", f"{path} stopped at iteration {ckpt.get('iteration')} of {cfg.iterations}"
+    end = cfg.stop_at or cfg.iterations        # a run asked to stop early is finished there
+    if int(ckpt.get("iteration", -1)) < end:
+        return "partial", f"{path} stopped at iteration {ckpt.get('iteration')} of {end}"
     return "done", f"{path} holds a finished run with these settings"
 
 
@@ -535,7 +536,9 @@ def ensure_pretrained(cfg: PretrainConfig, say=log.info) -> dict:
         say(f"{reason}; resuming it")
         cfg = dataclasses.replace(cfg, resume=str(cfg.out))
     else:
-        say(f"{reason}; pretraining {cfg.arch} for {cfg.iterations} iterations -> {cfg.out}")
+        length = (f"the first {cfg.stop_at} iterations of a {cfg.iterations}-iteration schedule" if cfg.stop_at
+                  else f"{cfg.iterations} iterations")
+        say(f"{reason}; pretraining {cfg.arch} for {length} -> {cfg.out}")
     result = pretrain(cfg)
     tenth = max(1, len(result["losses"]) // 10)
     dice = result["dice"][-max(1, len(result["dice"]) // 10):]

@@ -153,7 +153,7 @@ def run_script(defaults: dict) -> Trainer:
 
 
 def main(defaults: dict, argv: Optional[Sequence[str]] = None, timer: Timer = null_timer,
-         program: Optional[str] = None) -> Trainer:
+         program: Optional[str] = None, resume_hint: Optional[str] = None) -> Trainer:
     """Parse ``argv`` over ``defaults``, train, return the finished ``Trainer``.
 
     Raises whatever stops the run: a ``ProjectError`` for bad settings, data, checkpoints, generalists or a
@@ -163,7 +163,8 @@ def main(defaults: dict, argv: Optional[Sequence[str]] = None, timer: Timer = nu
     folder is touched, so such a failure leaves an existing run's files as they were and creates none; a
     failure during training is appended to log.txt (``run stopped: ...``). The last good train_state.pth is
     never overwritten by a failed step. ``program`` (default ``sys.argv[0]``) names the script in the resume
-    command an interrupted run logs.
+    command an interrupted run logs; a caller that is not such a script (demo.py, study_generalist.py) gives
+    ``resume_hint``, what its user should do instead.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     cfg = parse_config(defaults, argv)
@@ -201,14 +202,13 @@ def main(defaults: dict, argv: Optional[Sequence[str]] = None, timer: Timer = nu
             trainer.fit(stop, after_first_step=decide_malloc)
         return trainer
     except TrainingInterrupted as err:
+        hint = resume_hint or f"continue with: {resume_command(argv, program, ctx.world_size)}"
         if err.saved:
             out.warning(f"interrupted by {err.signal_name} at iteration {err.iteration}: resumable state saved "
-                        f"to {err.state_path}; continue with: "
-                        f"{resume_command(argv, program, ctx.world_size)}")
+                        f"to {err.state_path}; {hint}")
         elif err.iteration is not None:
             out.warning(f"interrupted by a second {err.signal_name} during iteration {err.iteration + 1}: "
-                        + (f"the last resumable state is {err.state_path}; continue "
-                           f"with: {resume_command(argv, program, ctx.world_size)}" if err.state_path is not None
+                        + (f"the last resumable state is {err.state_path}; {hint}" if err.state_path is not None
                            else "no train state had been saved yet"))
         else:
             out.warning(f"interrupted by {err.signal_name} before training started: no train state was saved")
