@@ -490,7 +490,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
 # ----------------------------------------------------------------------------------------------- reuse
 
 # settings a finished checkpoint must share with a config to count as that config's model
-_SAME_MODEL = ("arch", "arch_config", "init", "data", "iterations", "batch_size", "lr", "weight_decay",
+SAME_MODEL_KEYS = ("arch", "arch_config", "init", "data", "iterations", "batch_size", "lr", "weight_decay",
                "lr_schedule", "warmup", "clip_grad", "seed", "num_clicks", "targets_per_image", "no_mask_prob",
                "fg_prob")
 
@@ -509,7 +509,8 @@ def checkpoint_status(path, cfg: PretrainConfig) -> tuple[str, str]:
     if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
         return "mismatch", f"{path} is not a {CKPT_FORMAT!r} checkpoint"
     saved = ckpt.get("train_args", {})
-    diff = [f"{k} {saved.get(k)!r} (want {getattr(cfg, k)!r})" for k in _SAME_MODEL if saved.get(k) != getattr(cfg, k)]
+    diff = [f"{k} {saved.get(k)!r} (want {getattr(cfg, k)!r})" for k in SAME_MODEL_KEYS
+            if saved.get(k) != getattr(cfg, k)]
     if ckpt.get("config") != resolve_arch(cfg.arch, cfg.arch_config):
         diff.append(f"architecture config differs from {cfg.arch_config or cfg.arch!r}")
     if diff:
