@@ -51,7 +51,8 @@ METHODS = {"MT": dict(exp="mt", specialist="mt", generalist_term="none"),
            "SemiSAM": dict(exp="semisam_mt", specialist="mt", generalist_term="semisam", prompt="point"),
            "SemiSAM+": dict(exp="semisam_plus", specialist="mt", generalist_term="semisam_plus", prompt="unc")}
 BASELINE = "MT"
-# sized for a short run on 2 CPU cores (results/demo_cpu.md); --quick only checks that every step connects
+# sized for a short run on 2 CPU cores (results/demo_cpu.md timed 300 iterations; 600 since phantoms v3, not
+# re-timed yet: results/demo_study.md); --quick only checks that every step connects
 DEFAULTS = dict(phantom_size=(96, 96, 64), phantom_train=16, phantom_test=8, phantom_seed=0, labeled_num=2,
                 iterations=600, batch_size=4, labeled_bs=2, patch_size=(64, 64, 48), n_filters=8, base_lr=0.01,
                 seed=1337, num_clicks=10, sam_weight=0.1, pretrain_scale=1.0, stride_xy=16, stride_z=8,

@@ -61,7 +61,7 @@ from utils.runtime import derived_seed
 
 __all__ = ["PretrainError", "PretrainConfig", "CKPT_FORMAT", "config_json_path", "resolve_arch", "build_model",
            "snapshot_path", "H5Crops", "seg_loss", "interaction_loss", "simulate_padding", "lr_at", "save_checkpoint",
-           "read_checkpoint", "pretrain", "checkpoint_status", "ensure_pretrained"]
+           "read_checkpoint", "pretrain", "SAME_MODEL_KEYS", "checkpoint_status", "ensure_pretrained"]
 
 log = logging.getLogger("pretrain")
 
@@ -384,7 +384,7 @@ def save_checkpoint(path, model, optimizer, iteration: int, config: dict, cfg: P
     return path
 
 
-def read_checkpoint(path, flag: str, error: type[Exception] = None, hint: str = "") -> dict:
+def read_checkpoint(path, flag: str, error: type[Exception] | None = None, hint: str = "") -> dict:
     """The dict of the pretraining checkpoint ``path`` given as ``flag`` (e.g. '--resume'); ``error`` (default
     PretrainError) with one line naming the flag and file when it is missing, unreadable or of another format
     (``hint`` is appended to that last message)."""
@@ -491,8 +491,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
 
 # settings a finished checkpoint must share with a config to count as that config's model
 SAME_MODEL_KEYS = ("arch", "arch_config", "init", "data", "iterations", "batch_size", "lr", "weight_decay",
-               "lr_schedule", "warmup", "clip_grad", "seed", "num_clicks", "targets_per_image", "no_mask_prob",
-               "fg_prob")
+                   "lr_schedule", "warmup", "clip_grad", "seed", "num_clicks", "targets_per_image", "no_mask_prob",
+                   "fg_prob")
 
 
 def checkpoint_status(path, cfg: PretrainConfig) -> tuple[str, str]:
